@@ -1,0 +1,24 @@
+"""smi-plugin: Sparse Model Inversion for data-free quantization and distillation of ViTs.
+
+Example:
+    >>> from smi_plugin import SparseInverter, InversionConfig, StoppingSchedule, load_teacher
+    >>> teacher = load_teacher("fashion-mnist-vit")
+    >>> config = InversionConfig(iterations=300, schedule=StoppingSchedule.paper_scaled(300))
+    >>> batch = SparseInverter(teacher, config).invert(range(10))
+"""
+
+from .config import InversionConfig
+from .inverter import InvertedBatch, SparseInverter, derive_seed
+from .losses import BASE_METHODS, register_base_method
+from .schedule import StoppingSchedule
+from .tokens import UnsupportedModelError, check_vit, forward_kept_tokens
+from .visualize import save_grid, save_stage_strip
+from .zoo import load_teacher
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BASE_METHODS", "InversionConfig", "InvertedBatch", "SparseInverter", "StoppingSchedule",
+    "UnsupportedModelError", "check_vit", "derive_seed", "forward_kept_tokens", "load_teacher",
+    "register_base_method", "save_grid", "save_stage_strip",
+]

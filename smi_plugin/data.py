@@ -1,0 +1,169 @@
+"""Real image datasets that ship inside packages, used to train and judge teachers.
+
+Two sources are supported, both converted to 32x32 RGB so that the same small ViTs serve both:
+
+* ``fashion-mnist``: the gzipped IDX files of Debian's ``dataset-fashion-mnist`` package
+  (60k train / 10k test), or any directory holding the same four files.
+* ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8), split once into a
+  fixed, stratified train / held-out partition.
+
+Train and held-out splits are never mixed: teachers are trained on ``train`` and every accuracy
+this project reports is measured on ``test``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+FASHION_MNIST_ENV = "SMI_FASHION_MNIST_DIR"
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DIGITS_CLASSES = tuple(str(d) for d in range(10))
+DATASETS = ("fashion-mnist", "digits")
+SPLITS = ("train", "test")
+IMAGE_SIZE = 32
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split of a real dataset, held compactly as grayscale uint8.
+
+    Attributes:
+        name: dataset name (``"fashion-mnist"`` or ``"digits"``).
+        split: ``"train"`` or ``"test"``.
+        pixels: ``(N, 1, 32, 32)`` uint8 grayscale images.
+        labels: ``(N,)`` int64 class indices.
+        class_names: one name per class.
+    """
+
+    name: str
+    split: str
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def images(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """RGB float images in [0, 1], shape ``(n, 3, 32, 32)`` (grayscale replicated)."""
+        selected = self.pixels if index is None else self.pixels[index]
+        return selected.float().div_(255.0).expand(-1, 3, -1, -1).contiguous()
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images in [0, 1], labels)`` in order, for evaluation."""
+        for start in range(0, len(self), batch_size):
+            window = slice(start, start + batch_size)
+            yield self.images(window), self.labels[window]
+
+    def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the split in [0, 1] pixel units (identical over RGB)."""
+        values = self.pixels.float().div(255.0)
+        mean, std = values.mean().item(), values.std().item()
+        return (mean,) * 3, (std,) * 3
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when a dataset's files are missing, with the command that installs them."""
+
+
+def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None) -> ImageSplit:
+    """Load one split of a real dataset at 32x32.
+
+    Args:
+        name: ``"fashion-mnist"`` or ``"digits"``.
+        split: ``"train"`` or ``"test"``.
+        data_dir: for Fashion-MNIST, a directory holding the four IDX ``.gz`` files; defaults to
+            ``$SMI_FASHION_MNIST_DIR`` or Debian's ``/usr/share/datasets/fashion-mnist``.
+
+    Example:
+        >>> test = load_split("digits", "test")
+        >>> images, labels = next(test.batches(64))
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(split, data_dir)
+    if name == "digits":
+        return _load_digits(split)
+    raise ValueError(f"unknown dataset {name!r}; use one of {DATASETS}")
+
+
+def _resize_to_32(pixels: torch.Tensor) -> torch.Tensor:
+    """Bilinear (antialiased) resize of ``(N, 1, h, w)`` uint8 images to 32x32 uint8."""
+    resized = F.interpolate(pixels.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                            align_corners=False, antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _fashion_mnist_dir(data_dir: str | os.PathLike | None) -> Path:
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get(FASHION_MNIST_ENV):
+        return Path(os.environ[FASHION_MNIST_ENV])
+    return FASHION_MNIST_DEBIAN_DIR
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    array = torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8)
+    return array.reshape(shape)
+
+
+def _load_fashion_mnist(split: str, data_dir: str | os.PathLike | None) -> ImageSplit:
+    root = _fashion_mnist_dir(data_dir)
+    prefix = "train" if split == "train" else "t10k"
+    images_path = root / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = root / f"{prefix}-labels-idx1-ubyte.gz"
+    missing = [str(p) for p in (images_path, labels_path) if not p.is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST files not found: {', '.join(missing)}. Install Debian's package with "
+            "`sudo apt-get update && sudo apt-get install dataset-fashion-mnist`, or point "
+            f"${FASHION_MNIST_ENV} (or data_dir=) at a directory holding "
+            "train-/t10k-images-idx3-ubyte.gz and train-/t10k-labels-idx1-ubyte.gz."
+        )
+    pixels = _read_idx(images_path).unsqueeze(1)
+    labels = _read_idx(labels_path).long()
+    if pixels.shape[0] != labels.shape[0]:
+        raise ValueError(f"{images_path} holds {pixels.shape[0]} images but {labels_path} "
+                         f"holds {labels.shape[0]} labels")
+    return ImageSplit("fashion-mnist", split, _resize_to_32(pixels), labels, FASHION_MNIST_CLASSES)
+
+
+def _load_digits(split: str) -> ImageSplit:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    # sklearn's digits are 0..16 intensities; stretch to the full uint8 range.
+    pixels = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).round().to(torch.uint8)
+    labels = torch.from_numpy(digits.target).long()
+    indices = torch.arange(labels.numel()).numpy()
+    train_idx, test_idx = train_test_split(indices, test_size=_DIGITS_TEST_FRACTION,
+                                           random_state=_DIGITS_SPLIT_SEED, stratify=labels.numpy())
+    chosen = torch.from_numpy(train_idx if split == "train" else test_idx).sort().values
+    return ImageSplit("digits", split, _resize_to_32(pixels[chosen].unsqueeze(1)), labels[chosen],
+                      DIGITS_CLASSES)

@@ -1,0 +1,379 @@
+"""The sparse inverter: attention-guided progressive patch stopping for timm ViTs.
+
+Design, in brief (``../shared/notes/algorithm.md`` is the contract):
+
+* The optimised parameter holds only the *retained* patches, ``(B, K, C*p*p)`` in normalized space;
+  every patch's last value lives in a frozen canvas. When a stage stops patches, their final values
+  are written to the canvas and the parameter (and Adam's moments) shrink to the survivors, so a
+  stopped patch is never forwarded, back-propagated, updated, regularised or clamped again.
+* Only retained patches are embedded (the patch-embedding conv as a matmul on those patches) and
+  only their tokens, plus every prefix token, enter the blocks.
+* Augmentation (roll "jitter" and horizontal flip) acts on whole patches: a roll by a multiple of
+  the patch size is a permutation of the grid and a flip mirrors the grid and each patch. Both are
+  applied to the retained patches and their grid positions, exactly equal to rolling/flipping the
+  full image, without ever touching it. The authors' pixel rolls mix up to half a patch of stopped
+  neighbours into retained tokens; whole-patch rolls never do. Dense inversion uses the same path.
+* Patch importance is the last block's head-averaged CLS attention from the forward of the
+  previous iteration (only the CLS row is computed, and only on iterations right before a stage).
+  Tokens keep the retained patches' order under augmentation, so scores need no remapping.
+* The pixel priors (TV, l2) are computed on the whole image (retained patches scattered into the
+  canvas), so their values match the dense definition; gradients reach retained pixels only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .config import InversionConfig
+from .losses import BASE_METHODS
+from .schedule import StoppingSchedule
+from .tokens import (PatchGrid, check_vit, forward_patches, images_to_patches, indices_to_mask,
+                     patch_grid, patches_to_images, position_tokens, record_cls_attention)
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for work item ``index`` of a run seeded with ``seed``."""
+    value = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    value ^= value >> 31
+    return value & ((1 << 63) - 1)
+
+
+@dataclass
+class InvertedBatch:
+    """Images inverted from a teacher, with the truth about which patches were kept.
+
+    Attributes:
+        images: ``(B, 3, H, W)`` pixels in ``[0, 1]``; stopped patches hold their last values (the
+            mask, not the pixels, says what was stopped).
+        patch_mask: ``(B, H/p, W/p)`` bool, True for retained patches.
+        labels: ``(B,)`` target classes.
+        kept_indices: ``(B, K)`` retained patch indices (row-major), ascending.
+        mean, std: the normalization the teacher expects (``normalized()`` applies it).
+        provenance: config, teacher, seed, kept counts per stage, final losses, timing, versions.
+        history: loss records every ``log_every`` iterations.
+        snapshots: optional ``(iteration, images, patch_mask)`` at each stage (for the stage strip).
+    """
+
+    images: torch.Tensor
+    patch_mask: torch.Tensor
+    labels: torch.Tensor
+    kept_indices: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def num_kept(self) -> int:
+        return self.kept_indices.shape[1]
+
+    def normalized(self) -> torch.Tensor:
+        """Images in the teacher's normalized input space (what ``forward_kept_tokens`` takes)."""
+        from .evaluation import normalize
+
+        return normalize(self.images, self.mean, self.std)
+
+    def masked_images(self) -> torch.Tensor:
+        """Images with stopped patches blacked out, for viewing only."""
+        gh, gw = self.patch_mask.shape[1:]
+        ph, pw = self.images.shape[2] // gh, self.images.shape[3] // gw
+        keep = self.patch_mask.repeat_interleave(ph, 1).repeat_interleave(pw, 2).unsqueeze(1)
+        return self.images * keep
+
+    @staticmethod
+    def concatenate(batches: Sequence["InvertedBatch"]) -> "InvertedBatch":
+        """One batch from several inverted with the same teacher and config."""
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        same_k = len({b.num_kept for b in batches}) == 1
+        return InvertedBatch(
+            images=torch.cat([b.images for b in batches]),
+            patch_mask=torch.cat([b.patch_mask for b in batches]),
+            labels=torch.cat([b.labels for b in batches]),
+            kept_indices=torch.cat([b.kept_indices for b in batches]) if same_k else first.kept_indices[:0],
+            mean=first.mean, std=first.std,
+            provenance={**first.provenance, "parts": [b.provenance for b in batches]},
+            history=first.history,
+        )
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no weight gradients for the duration; restores both afterwards."""
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class SparseInverter:
+    """Invert images from a frozen timm ViT, stopping uninformative patches on a schedule.
+
+    Args:
+        model: a supported timm ``VisionTransformer`` (see ``smi_plugin.tokens.check_vit``).
+        config: the run's ``InversionConfig`` (defaults to the paper's settings).
+        callback: called with a stats dict every ``config.log_every`` iterations.
+        progress: show a progress bar.
+
+    Example:
+        >>> inverter = SparseInverter(teacher, InversionConfig(iterations=300,
+        ...                           schedule=StoppingSchedule.paper_scaled(300)))
+        >>> batch = inverter.invert([0, 1, 2, 3])
+        >>> batch.images.shape, batch.patch_mask.shape
+    """
+
+    def __init__(self, model: nn.Module, config: InversionConfig | None = None, *,
+                 callback: Callback | None = None, progress: bool = True) -> None:
+        check_vit(model)
+        self.model = model
+        self.config = config or InversionConfig()
+        self.grid: PatchGrid = patch_grid(model, self.config.image_size)
+        if self.config.mean is not None:
+            self.mean, self.std = self.config.mean, self.config.std
+        else:
+            from .evaluation import model_normalization
+
+            self.mean, self.std = model_normalization(model)
+        if len(self.mean) != self.grid.in_chans or len(self.std) != self.grid.in_chans:
+            raise ValueError(f"mean/std have {len(self.mean)}/{len(self.std)} entries but the model takes "
+                             f"{self.grid.in_chans} channels")
+        self.kept_counts = self.config.schedule.check_run(self.config.iterations, self.grid.num_patches)
+        self.method = BASE_METHODS[self.config.base_method](self.config)
+        self.callback = callback
+        self.progress = progress
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if not self.dtype.is_floating_point:
+            raise TypeError(f"the model's parameters are {self.dtype}; inversion needs a floating-point model")
+        self._channel_map()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    def _channel_map(self) -> None:
+        """Affine maps from the optimised channels to the model's normalized channels, and clamp bounds."""
+        mean = torch.tensor(self.mean, dtype=self.dtype, device=self.device)
+        std = torch.tensor(self.std, dtype=self.dtype, device=self.device)
+        if self.config.tie_channels:
+            # One gray level g (normalized with the average stats) drives every channel:
+            # pixel = g * std_avg + mean_avg, then each channel renormalizes it.
+            self.param_channels = 1
+            self.channel_scale = (std.mean() / std).view(1, 1, -1, 1)
+            self.channel_shift = ((mean.mean() - mean) / std).view(1, 1, -1, 1)
+            lo, hi = -mean.mean() / std.mean(), (1 - mean.mean()) / std.mean()
+            self.clamp_low, self.clamp_high = lo.view(1, 1, 1, 1), hi.view(1, 1, 1, 1)
+        else:
+            self.param_channels = self.grid.in_chans
+            self.channel_scale = self.channel_shift = None
+            self.clamp_low = (-mean / std).view(1, 1, -1, 1)
+            self.clamp_high = ((1 - mean) / std).view(1, 1, -1, 1)
+
+    def _to_model_channels(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, K, Cp*p*p)`` optimised patches -> ``(B, K, C*p*p)`` in the model's normalized space."""
+        if self.channel_scale is None:
+            return patches
+        b, k, _ = patches.shape
+        gray = patches.reshape(b, k, 1, -1)
+        return (gray * self.channel_scale + self.channel_shift).reshape(b, k, -1)
+
+    def _check_labels(self, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(labels, torch.Tensor):
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+            if labels.device != self.device:
+                raise ValueError(f"labels are on {labels.device} but the model is on {self.device}; "
+                                 "move them with labels.to(device) or pass a list")
+            labels = labels.flatten().long()
+        else:
+            labels = torch.as_tensor(list(labels), dtype=torch.long, device=self.device)
+        if labels.numel() == 0:
+            raise ValueError("no labels given: pass at least one target class")
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"labels {sorted(set(bad.tolist()))[:5]} are outside the model's "
+                             f"{self.num_classes} classes [0, {self.num_classes - 1}]")
+        return labels
+
+    def invert(self, labels: Sequence[int] | torch.Tensor, seed: int | None = None,
+               snapshots: bool = False) -> InvertedBatch:
+        """Invert one image per label.
+
+        Args:
+            labels: target classes; lists longer than ``config.batch_size`` are inverted in chunks.
+            seed: overrides ``config.seed``; chunk ``j`` uses ``derive_seed(seed, j)``.
+            snapshots: keep the images and masks at every stage (for pictures of the process).
+        """
+        labels = self._check_labels(labels)
+        seed = self.config.seed if seed is None else seed
+        chunks = labels.split(self.config.batch_size)
+        bar = self._progress_bar(len(chunks) * self.config.iterations)
+        try:
+            parts = [self._invert_batch(chunk, derive_seed(seed, j), snapshots, bar)
+                     for j, chunk in enumerate(chunks)]
+        finally:
+            if bar is not None:
+                bar.close()
+        batch = InvertedBatch.concatenate(parts)
+        batch.provenance["seed"] = seed
+        return batch
+
+    def _progress_bar(self, total: int):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc="inverting", unit="it", leave=False)
+
+    def _augment(self, kept: torch.Tensor, patches: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-patch roll and per-image flip: new grid positions, and patches mirrored where flipped."""
+        cfg, (gh, gw) = self.config, self.grid.grid_size
+        b = kept.shape[0]
+        rows, cols = kept // gw, kept % gw
+        max_shift = (round(cfg.jitter * gh), round(cfg.jitter * gw))
+        if max(max_shift) > 0:
+            shift = torch.stack([torch.randint(-m, m + 1, (b,), generator=generator) for m in max_shift], 1)
+            shift = shift.to(kept.device)
+            rows = (rows + shift[:, :1]) % gh
+            cols = (cols + shift[:, 1:]) % gw
+        if cfg.flip:
+            flip = (torch.rand(b, generator=generator) < 0.5).to(kept.device)
+            cols = torch.where(flip[:, None], gw - 1 - cols, cols)
+            ph, pw = self.grid.patch_size
+            shaped = patches.reshape(b, patches.shape[1], -1, ph, pw)
+            patches = torch.where(flip.view(b, 1, 1, 1, 1), shaped.flip(-1), shaped).reshape(patches.shape)
+        return rows * gw + cols, patches
+
+    def _lr_at(self, iteration: int) -> float:
+        cfg = self.config
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        if iteration < cfg.warmup_iterations:
+            return cfg.lr * (iteration + 1) / cfg.warmup_iterations
+        progress = (iteration - cfg.warmup_iterations) / max(1, cfg.iterations - cfg.warmup_iterations)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _optimizer(self, param: torch.Tensor) -> torch.optim.Adam:
+        return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas)
+
+    def _stop_patches(self, ratio: float, scores: torch.Tensor, canvas: torch.Tensor, kept: torch.Tensor,
+                      param: torch.Tensor, optimizer: torch.optim.Adam):
+        """Keep the most-attended patches; freeze the rest into the canvas; shrink param and Adam state."""
+        keep = StoppingSchedule.keep_count(kept.shape[1], ratio)
+        survivors = scores.topk(keep, dim=1).indices.sort(dim=1).values
+        expand = survivors.unsqueeze(-1).expand(-1, -1, param.shape[-1])
+        with torch.no_grad():
+            canvas.scatter_(1, kept.unsqueeze(-1).expand_as(param), param)
+            new_param = param.gather(1, expand).requires_grad_(True)
+        new_optimizer = self._optimizer(new_param)
+        state = optimizer.state.get(param, {})
+        new_optimizer.state[new_param] = {
+            name: value.gather(1, expand) if torch.is_tensor(value) and value.shape == param.shape else value
+            for name, value in state.items()}
+        return kept.gather(1, survivors), new_param, new_optimizer
+
+    def _invert_batch(self, labels: torch.Tensor, seed: int, snapshots: bool, bar) -> InvertedBatch:
+        cfg, grid = self.config, self.grid
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)
+        b = labels.numel()
+        noise = torch.randn(b, self.param_channels, *grid.image_size, generator=generator)
+        canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
+        kept = torch.arange(grid.num_patches, device=self.device).expand(b, -1).contiguous()
+        param = canvas.clone().requires_grad_(True)
+        optimizer = self._optimizer(param)
+        stages = dict(cfg.schedule.stages)
+        need_images = self.method.needs_images()
+        history: list[dict[str, float]] = []
+        shots: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        parts: dict[str, float] = {}
+        with frozen(self.model), self.method.hooks(self.model), \
+                record_cls_attention(self.model, enabled=bool(stages)) as attention:
+            positions_cache = position_tokens(self.model, grid, self.dtype)
+            for iteration in range(cfg.iterations):
+                ratio = stages.get(iteration)
+                if ratio:
+                    if snapshots:
+                        shots.append(self._snapshot(iteration, canvas, kept, param))
+                    kept, param, optimizer = self._stop_patches(ratio, attention.pop("scores"), canvas, kept,
+                                                                param, optimizer)
+                attention["active"] = (iteration + 1) in stages
+                for group in optimizer.param_groups:
+                    group["lr"] = self._lr_at(iteration)
+                positions, patches = self._augment(kept, param, generator)
+                logits = forward_patches(self.model, grid, self._to_model_channels(patches), positions,
+                                         positions_cache)
+                images = None
+                if need_images:
+                    full = canvas.scatter(1, kept.unsqueeze(-1).expand_as(param), param)
+                    images = patches_to_images(full, grid, self.param_channels)
+                loss, parts = self.method.loss(logits, labels, images)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    shaped = param.view(b, param.shape[1], self.param_channels, -1)
+                    torch.maximum(shaped, self.clamp_low, out=shaped)
+                    torch.minimum(shaped, self.clamp_high, out=shaped)
+                if bar is not None:
+                    bar.update(1)
+                if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
+                    record = {"iteration": iteration, "loss": loss.item(), "kept": int(kept.shape[1]),
+                              "target_accuracy": (logits.argmax(1) == labels).float().mean().item(), **parts}
+                    history.append(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", kept=record["kept"])
+                    if self.callback is not None:
+                        self.callback(record)
+            with torch.no_grad():
+                canvas.scatter_(1, kept.unsqueeze(-1).expand_as(param), param)
+        if snapshots:
+            shots.append(self._snapshot(cfg.iterations, canvas, kept, None))
+        images = self._to_pixels(canvas)
+        provenance = {
+            "config": cfg.to_dict(), "teacher": _model_name(self.model), "seed": seed,
+            "kept_counts": self.kept_counts, "num_patches": grid.num_patches,
+            "final_losses": {**parts, "target_accuracy": history[-1]["target_accuracy"]},
+            "seconds": round(time.perf_counter() - started, 3), "torch_version": torch.__version__,
+        }
+        return InvertedBatch(images=images, patch_mask=indices_to_mask(kept, grid), labels=labels,
+                             kept_indices=kept, mean=tuple(self.mean), std=tuple(self.std),
+                             provenance=provenance, history=history, snapshots=shots)
+
+    def _to_pixels(self, canvas: torch.Tensor) -> torch.Tensor:
+        normalized = patches_to_images(self._to_model_channels(canvas), self.grid)
+        mean = torch.tensor(self.mean, dtype=self.dtype, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=self.dtype, device=self.device).view(1, -1, 1, 1)
+        return (normalized * std + mean).clamp_(0, 1).detach()
+
+    def _snapshot(self, iteration: int, canvas: torch.Tensor, kept: torch.Tensor,
+                  param: torch.Tensor | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            current = canvas if param is None else canvas.scatter(1, kept.unsqueeze(-1).expand_as(param), param)
+            return iteration, self._to_pixels(current).cpu(), indices_to_mask(kept, self.grid).cpu()
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("zoo_name") or cfg.get("architecture") or type(model).__name__

@@ -1,0 +1,145 @@
+"""Inversion objectives: the dense base methods that sparse stopping plugs into.
+
+A base method turns the teacher's logits on the current (sparse) tokens and the current image into
+a scalar loss. Sparse stopping never changes a base method: it only decides which tokens reach the
+teacher and which pixels the optimiser may move. Methods register themselves by name::
+
+    @register_base_method("my-method")
+    class MyMethod(DeepInversion): ...
+
+Regularizers are per-image quantities averaged over the batch, so weights keep their meaning at any
+batch size (the authors' code sums norms over the whole batch instead).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .config import InversionConfig
+
+BASE_METHODS: dict[str, type["DeepInversion"]] = {}
+
+
+def register_base_method(name: str) -> Callable[[type], type]:
+    """Class decorator registering a base method under ``name`` (used by ``InversionConfig.base_method``)."""
+
+    def decorate(cls: type) -> type:
+        BASE_METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def total_variation(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image total variation, batch-averaged: ``(l2, l1)``.
+
+    ``l2`` is the sum of the Frobenius norms of the horizontal, vertical and two diagonal pixel
+    differences (DeepInversion's ``TV_l2``); ``l1`` is the sum of their mean absolute values.
+    """
+    diffs = (
+        images[..., :, 1:] - images[..., :, :-1],
+        images[..., 1:, :] - images[..., :-1, :],
+        images[..., 1:, :-1] - images[..., :-1, 1:],
+        images[..., 1:, 1:] - images[..., :-1, :-1],
+    )
+    l2 = sum(d.flatten(1).norm(dim=1) for d in diffs).mean()
+    l1 = sum(d.abs().flatten(1).mean(dim=1) for d in diffs).mean()
+    return l2, l1
+
+
+def image_l2(images: torch.Tensor) -> torch.Tensor:
+    """Per-image l2 norm of the (normalized) image, batch-averaged."""
+    return images.flatten(1).norm(dim=1).mean()
+
+
+@register_base_method("deepinversion")
+class DeepInversion:
+    """DeepInversion for ViTs (no BatchNorm statistics exist): CE + TV_l2 + TV_l1 + l2 prior."""
+
+    def __init__(self, config: "InversionConfig") -> None:
+        self.config = config
+
+    def hooks(self, model: nn.Module) -> ContextManager:
+        """Forward hooks the method needs on the teacher while inverting (none here)."""
+        return nullcontext()
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor,
+             images: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted total loss and its unweighted components (for logging)."""
+        cfg = self.config
+        ce = F.cross_entropy(logits, labels)
+        total, parts = cfg.ce_weight * ce, {"ce": ce}
+        if images is not None:
+            tv_l2, tv_l1 = total_variation(images)
+            l2 = image_l2(images)
+            total = total + cfg.tv_l2_weight * tv_l2 + cfg.tv_l1_weight * tv_l1 + cfg.l2_weight * l2
+            parts.update(tv_l2=tv_l2, tv_l1=tv_l1, l2=l2)
+        return total, {k: v.item() for k, v in parts.items()}
+
+    def needs_images(self) -> bool:
+        """Whether ``loss`` needs the full image (only the pixel-space priors do)."""
+        cfg = self.config
+        return cfg.tv_l2_weight > 0 or cfg.tv_l1_weight > 0 or cfg.l2_weight > 0
+
+
+def patch_similarity_entropy(features: torch.Tensor, num_heads: int, num_prefix_tokens: int,
+                             bandwidth: float = 0.01, points: int = 10) -> torch.Tensor:
+    """PSAQ-ViT's differential entropy of patch-feature cosine similarities, batch-averaged.
+
+    ``features`` is the attention output before the projection, ``(B, N, H*d)``; heads are averaged,
+    prefix tokens dropped, and a Gaussian KDE of the pairwise cosine similarities is integrated
+    (trapezoid rule) over ``points`` points between their batch-wide min and max.
+    """
+    b, n, c = features.shape
+    patch = features.reshape(b, n, num_heads, c // num_heads).mean(2)[:, num_prefix_tokens:]
+    patch = F.normalize(patch, dim=-1)
+    similarity = (patch @ patch.transpose(1, 2)).flatten(1)
+    with torch.no_grad():
+        grid = torch.linspace(similarity.min().item(), similarity.max().item(), points,
+                              device=features.device, dtype=features.dtype)
+    density = torch.exp(-0.5 * ((grid.view(1, -1, 1) - similarity.unsqueeze(1)) / bandwidth) ** 2)
+    density = density.mean(-1) / (bandwidth * (2 * torch.pi) ** 0.5) + 1e-4
+    return torch.trapezoid(-density * density.log(), grid, dim=-1).mean()
+
+
+@register_base_method("psaq")
+class PSAQViT(DeepInversion):
+    """PSAQ-ViT: DeepInversion's terms plus maximising the patch-similarity entropy of every block.
+
+    The features are read with forward pre-hooks on each block's ``attn.proj`` (the attention output,
+    ``attn @ v``, which PSAQ hooks as ``matmul2``), so fused attention stays on.
+    """
+
+    def __init__(self, config: "InversionConfig") -> None:
+        super().__init__(config)
+        self._features: list[torch.Tensor] = []
+        self._heads = 0
+        self._prefix = 0
+
+    @contextmanager
+    def hooks(self, model: nn.Module) -> Iterator[None]:
+        self._heads, self._prefix = model.blocks[0].attn.num_heads, model.num_prefix_tokens
+
+        def keep(_module: nn.Module, args: tuple) -> None:
+            self._features.append(args[0])
+
+        handles = [block.attn.proj.register_forward_pre_hook(keep) for block in model.blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._features.clear()
+
+    def loss(self, logits, labels, images):
+        total, parts = super().loss(logits, labels, images)
+        entropy = sum(patch_similarity_entropy(f, self._heads, self._prefix) for f in self._features)
+        self._features.clear()
+        parts["patch_entropy"] = float(entropy.detach())
+        return total - self.config.patch_similarity_weight * entropy, parts

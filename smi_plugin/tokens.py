@@ -1,0 +1,261 @@
+"""Running a timm ViT on a subset of its patch tokens, and ranking patches by CLS attention.
+
+Everything here uses timm's own seams: ``patch_embed.proj`` weights, ``_pos_embed`` (so class,
+distillation and register tokens, ``no_embed_class`` and dynamic image sizes behave exactly as in
+timm), ``patch_drop``/``norm_pre``, the blocks as they are (LayerScale, fused attention), ``norm`` and
+``forward_head``. Only the selected patches are embedded: the patch-embedding convolution is
+evaluated as a matrix product on the kept patches alone.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a timm VisionTransformer with a class token and a patch-embedding conv."""
+
+
+SUPPORTED = ("timm VisionTransformer models with a class token (ViT, DeiT, DeiT-distilled, DeiT-III, "
+             "ViTs with register tokens) whose patch embedding is a single strided convolution")
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Geometry of a ViT's patch grid at one image size."""
+
+    patch_size: tuple[int, int]
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    in_chans: int
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.grid_size[0] * self.patch_size[0], self.grid_size[1] * self.patch_size[1]
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_chans * self.patch_size[0] * self.patch_size[1]
+
+
+def check_vit(model: nn.Module) -> None:
+    """Raise ``UnsupportedModelError`` unless ``model`` is a ViT this library can sparsify."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = type(model).__name__
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"{name} is not supported: smi-plugin works with {SUPPORTED}")
+    if getattr(model, "cls_token", None) is None:
+        raise UnsupportedModelError(
+            f"{name} has no class token (class_token=False), so there is no CLS attention to rank patches "
+            f"by; supported: {SUPPORTED}")
+    proj = getattr(model.patch_embed, "proj", None)
+    if not isinstance(proj, nn.Conv2d) or proj.kernel_size != proj.stride or proj.padding != (0, 0):
+        raise UnsupportedModelError(f"{name}'s patch embedding is not a single non-overlapping convolution "
+                                    f"(hybrid stems are not supported); supported: {SUPPORTED}")
+    if getattr(model.patch_embed, "dynamic_img_pad", False):
+        raise UnsupportedModelError(f"{name} pads images dynamically (dynamic_img_pad=True), which breaks the "
+                                    "fixed patch grid; create it with dynamic_img_pad=False")
+    if not hasattr(model.blocks[-1], "attn") or not hasattr(model.blocks[-1].attn, "qkv"):
+        raise UnsupportedModelError(f"{name}'s last block has no `attn.qkv` to read CLS attention from; "
+                                    f"supported: {SUPPORTED}")
+
+
+def patch_grid(model: nn.Module, image_size: tuple[int, int] | None = None) -> PatchGrid:
+    """The patch grid of ``model`` at ``image_size`` (default: the model's own input size).
+
+    Raises:
+        ValueError: if the model does not accept that image size.
+    """
+    check_vit(model)
+    embed = model.patch_embed
+    patch = tuple(embed.proj.kernel_size)
+    native = tuple(embed.img_size) if embed.img_size is not None else None
+    size = tuple(image_size) if image_size is not None else native
+    if size is None:
+        raise ValueError("the model has no fixed image size; pass image_size=(H, W)")
+    if size[0] % patch[0] or size[1] % patch[1]:
+        raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+    if size != native and not getattr(model, "dynamic_img_size", False):
+        raise ValueError(f"the model accepts {native} images only (create it with dynamic_img_size=True to "
+                         f"accept {size})")
+    return PatchGrid(patch, (size[0] // patch[0], size[1] // patch[1]), model.num_prefix_tokens,
+                     embed.proj.in_channels)
+
+
+def images_to_patches(images: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, C*p*p)``, patches in row-major grid order, laid out like conv weights."""
+    b, c, h, w = images.shape
+    ph, pw = patch_size
+    x = images.reshape(b, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // ph) * (w // pw), c * ph * pw)
+
+
+def patches_to_images(patches: torch.Tensor, grid: PatchGrid, channels: int | None = None) -> torch.Tensor:
+    """Inverse of ``images_to_patches``: ``(B, N, C*p*p)`` -> ``(B, C, H, W)``."""
+    b = patches.shape[0]
+    (gh, gw), (ph, pw) = grid.grid_size, grid.patch_size
+    c = channels or grid.in_chans
+    x = patches.reshape(b, gh, gw, c, ph, pw).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, gh * ph, gw * pw)
+
+
+def mask_to_indices(patch_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, gh, gw)`` bool mask with equal counts per image -> ``(B, K)`` ascending kept indices."""
+    flat = patch_mask.flatten(1)
+    counts = flat.sum(1)
+    if counts.numel() and not bool((counts == counts[0]).all()):
+        raise ValueError("images in one batch keep different numbers of patches; group them by kept count")
+    return flat.nonzero()[:, 1].reshape(flat.shape[0], -1)
+
+
+def indices_to_mask(kept: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+    """``(B, K)`` kept patch indices -> ``(B, gh, gw)`` bool mask."""
+    mask = torch.zeros(kept.shape[0], grid.num_patches, dtype=torch.bool, device=kept.device)
+    mask.scatter_(1, kept, True)
+    return mask.reshape(kept.shape[0], *grid.grid_size)
+
+
+def position_tokens(model: nn.Module, grid: PatchGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prefix tokens with their embeddings (1, P, C), patch position embeddings (1, N, C))``.
+
+    Computed by timm's own ``_pos_embed`` on zero patch tokens, so every prefix/position layout
+    timm supports (class, distillation, register tokens, ``no_embed_class``, resampled
+    positions for dynamic image sizes) is honoured without re-implementing it.
+    """
+    device = model.cls_token.device
+    if getattr(model, "dynamic_img_size", False):
+        zeros = torch.zeros(1, *grid.grid_size, model.embed_dim, device=device, dtype=dtype)
+    else:
+        zeros = torch.zeros(1, grid.num_patches, model.embed_dim, device=device, dtype=dtype)
+    tokens = model._pos_embed(zeros)
+    return tokens[:, :grid.num_prefix_tokens], tokens[:, grid.num_prefix_tokens:]
+
+
+def embed_patches(model: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """Patch embedding of ``(B, K, C*p*p)`` patches -> ``(B, K, D)``: the conv as a matmul, then its norm."""
+    proj = model.patch_embed.proj
+    tokens = F.linear(patches, proj.weight.flatten(1), proj.bias)
+    return model.patch_embed.norm(tokens)
+
+
+def forward_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Run prefix + patch tokens (position embeddings already added) through the rest of the ViT."""
+    x = model.patch_drop(tokens)
+    x = model.norm_pre(x)
+    x = model.blocks(x)
+    x = model.norm(x)
+    return model.forward_head(x)
+
+
+def forward_patches(model: nn.Module, grid: PatchGrid, patches: torch.Tensor, positions: torch.Tensor,
+                    position_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits of ``model`` on ``patches`` ``(B, K, C*p*p)`` placed at grid ``positions`` ``(B, K)``.
+
+    ``positions`` need not be sorted nor be the patches' original places: the inverter uses them to
+    express whole-patch rolls and flips without touching the full image.
+    """
+    prefix, patch_pos = position_cache or position_tokens(model, grid, patches.dtype)
+    tokens = embed_patches(model, patches)
+    pos = patch_pos.expand(tokens.shape[0], -1, -1).gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens + pos], dim=1)
+    return forward_tokens(model, tokens)
+
+
+def forward_kept_tokens(model: nn.Module, pixel_values: torch.Tensor,
+                        patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a timm ViT when only the kept patches enter the transformer.
+
+    Args:
+        model: a supported timm ``VisionTransformer`` (see ``check_vit``).
+        pixel_values: ``(B, C, H, W)`` images, normalized as the model expects.
+        patch_mask: ``(B, H/p, W/p)`` bool, True where a patch is kept; ``None`` keeps all patches,
+            which equals ``model(pixel_values)``. Images may keep different counts: they are run in
+            groups of equal count and the logits returned in input order.
+
+    Example:
+        >>> logits = forward_kept_tokens(vit, batch.normalized(), batch.patch_mask)
+    """
+    grid = patch_grid(model, tuple(pixel_values.shape[-2:]))
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != grid.in_chans:
+        raise ValueError(f"pixel_values must be (B, {grid.in_chans}, H, W), got {tuple(pixel_values.shape)}")
+    patches = images_to_patches(pixel_values, grid.patch_size)
+    b = patches.shape[0]
+    cache = position_tokens(model, grid, patches.dtype)
+    if patch_mask is None:
+        positions = torch.arange(grid.num_patches, device=patches.device).expand(b, -1)
+        return forward_patches(model, grid, patches, positions, cache)
+    if patch_mask.shape != (b, *grid.grid_size):
+        raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)} but the model's patch grid for these "
+                         f"images is {(b, *grid.grid_size)}")
+    patch_mask = patch_mask.to(device=patches.device, dtype=torch.bool)
+    counts = patch_mask.flatten(1).sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError("patch_mask keeps no patch for some images; every image needs at least one kept patch")
+    logits = None
+    for count in counts.unique().tolist():
+        rows = (counts == count).nonzero().squeeze(1)
+        kept = mask_to_indices(patch_mask[rows])
+        chosen = patches[rows].gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        out = forward_patches(model, grid, chosen, kept, cache)
+        if logits is None:
+            logits = out.new_empty(b, *out.shape[1:])
+        logits[rows] = out
+    return logits
+
+
+def cls_attention_scores(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Head-averaged attention from the CLS query to each patch token, ``(B, N - P)``.
+
+    Only the CLS row is computed: ``softmax(q_cls k^T * scale)`` from the block's own ``qkv``
+    weights and q/k norms, so the block itself keeps its fused attention.
+    """
+    b, n, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    dim = heads * head_dim
+    q = F.linear(x[:, :1], weight[:dim], None if bias is None else bias[:dim])
+    k = F.linear(x, weight[dim:2 * dim], None if bias is None else bias[dim:2 * dim])
+    q = attn.q_norm(q.reshape(b, 1, heads, head_dim).transpose(1, 2))
+    k = attn.k_norm(k.reshape(b, n, heads, head_dim).transpose(1, 2))
+    weights = (q @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)
+    return weights.mean(dim=1)[:, 0, num_prefix_tokens:]
+
+
+@contextmanager
+def record_cls_attention(model: nn.Module, enabled: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the last block's head-averaged CLS->patch attention of every forward made inside.
+
+    Yields a dict whose ``"scores"`` entry holds the latest detached ``(B, K)`` scores, in the order
+    the patch tokens were given. Setting its ``"active"`` entry to False skips the computation for
+    the forwards that follow (the inverter needs scores only right before a stopping stage). With
+    ``enabled=False`` nothing is hooked at all.
+    """
+    record: dict[str, torch.Tensor] = {}
+    if not enabled:
+        yield record
+        return
+    attn = model.blocks[-1].attn
+    prefix = model.num_prefix_tokens
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        if not record.get("active", True):
+            return
+        with torch.no_grad():
+            record["scores"] = cls_attention_scores(attn, args[0].detach(), prefix)
+
+    handle = attn.register_forward_pre_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()

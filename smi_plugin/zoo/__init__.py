@@ -1,0 +1,224 @@
+"""A small zoo of real teachers: timm ViTs trained here on real data that ships in packages.
+
+Each teacher is a safetensors file plus a JSON card (architecture, recipe, seed, normalization,
+measured held-out top-1) beside this module. Loading goes through timm's own machinery
+(``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``), the same path
+a user takes with hub weights or their own checkpoint, so nothing here is special-cased.
+
+Example:
+    >>> teacher = load_teacher("digits-vit")                         # a zoo name
+    >>> teacher = load_teacher("deit_tiny_patch16_224", pretrained=True)   # timm hub weights
+    >>> teacher = load_teacher("deit_tiny_patch16_224", checkpoint_path="ft.safetensors", num_classes=10)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import load_split
+from ..evaluation import evaluate_accuracy, normalize
+
+ZOO_DIR = Path(__file__).resolve().parent
+BASE_ARCHITECTURE = "vit_tiny_patch16_224"
+
+
+@dataclass(frozen=True)
+class TeacherRecipe:
+    """How a zoo teacher is built and trained (all on the CPU, reproducibly).
+
+    Args:
+        dataset: real dataset the teacher is trained on (``fashion-mnist`` or ``digits``).
+        embed_dim, depth, num_heads, patch_size: ViT shape at 32x32 input.
+        epochs, batch_size, lr, weight_decay, warmup_epochs, label_smoothing: AdamW + cosine recipe.
+        max_rotation_deg, max_translate, scale_range, hflip: light per-sample affine augmentation.
+        seed: seed of weights init, shuffling and augmentation.
+    """
+
+    dataset: str
+    epochs: int
+    embed_dim: int = 96
+    depth: int = 4
+    num_heads: int = 3
+    patch_size: int = 4
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+    label_smoothing: float = 0.1
+    max_rotation_deg: float = 10.0
+    max_translate: float = 0.08
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    hflip: bool = False
+    seed: int = 0
+
+    def model_kwargs(self, num_classes: int) -> dict[str, Any]:
+        return dict(img_size=32, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
+                    num_heads=self.num_heads, num_classes=num_classes)
+
+
+RECIPES: dict[str, TeacherRecipe] = {
+    "fashion-mnist-vit": TeacherRecipe(dataset="fashion-mnist", epochs=12, hflip=True, max_rotation_deg=5.0),
+    "digits-vit": TeacherRecipe(dataset="digits", epochs=60, batch_size=64, lr=1e-3),
+}
+
+
+class TeacherError(ValueError):
+    """A teacher name, checkpoint or card that cannot be used, with what to do instead."""
+
+
+def zoo_names() -> list[str]:
+    return sorted(RECIPES)
+
+
+def card_path(name: str) -> Path:
+    return ZOO_DIR / f"{name}.json"
+
+
+def weights_path(name: str) -> Path:
+    return ZOO_DIR / f"{name}.safetensors"
+
+
+def load_card(name: str) -> dict[str, Any]:
+    """The JSON card of a shipped zoo teacher."""
+    if name not in RECIPES:
+        raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
+    path = card_path(name)
+    if not path.is_file() or not weights_path(name).is_file():
+        raise TeacherError(f"zoo teacher {name!r} has no trained weights at {weights_path(name)}; "
+                           f"train it with `smi train-teacher {name}`")
+    return json.loads(path.read_text())
+
+
+def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | None = None,
+                 num_classes: int | None = None, **model_kwargs: Any) -> nn.Module:
+    """Create a teacher by zoo name or any timm model name, in eval mode.
+
+    Args:
+        name: a zoo name (``fashion-mnist-vit``, ``digits-vit``) or a timm model name.
+        pretrained: for timm names, load timm's pretrained weights (downloads from the hub).
+        checkpoint_path: for timm names, a local checkpoint (``.safetensors``/``.pth``) to load.
+        num_classes: classifier size for timm names (defaults to the model's).
+        **model_kwargs: forwarded to ``timm.create_model``.
+    """
+    import timm
+
+    if name in RECIPES:
+        if pretrained or checkpoint_path:
+            raise TeacherError(f"{name!r} is a zoo teacher and carries its own weights; "
+                               "drop --pretrained/--checkpoint")
+        card = load_card(name)
+        overlay = dict(file=str(weights_path(name)), num_classes=card["num_classes"],
+                       mean=tuple(card["mean"]), std=tuple(card["std"]), input_size=(3, 32, 32),
+                       label_names=tuple(card["class_names"]))
+        model = timm.create_model(card["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
+                                  **card["model_kwargs"])
+        model.pretrained_cfg["zoo_name"] = name
+        return model.eval()
+
+    if not timm.is_model(name):
+        raise TeacherError(f"unknown teacher {name!r}: not a zoo teacher ({zoo_names()}) and not a timm "
+                           "model name (see `timm.list_models()`)")
+    if num_classes is not None:
+        model_kwargs["num_classes"] = num_classes
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+        if checkpoint_path:
+            timm.models.load_checkpoint(model, checkpoint_path)
+    except FileNotFoundError as err:
+        raise TeacherError(f"checkpoint not found: {err}") from err
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
+            raise TeacherError(
+                f"checkpoint {checkpoint_path} does not match {name} "
+                f"(num_classes={model_kwargs.get('num_classes', 'default')}): {str(err).splitlines()[0]} ... "
+                "Check the architecture name and --num-classes.") from err
+        raise
+    return model.eval()
+
+
+def _augment(images: torch.Tensor, recipe: TeacherRecipe, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random affine (rotation, scale, translation) and optional horizontal flip."""
+    n = images.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(recipe.max_rotation_deg)
+    low, high = recipe.scale_range
+    scale = low + torch.rand(n, generator=generator) * (high - low)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * recipe.max_translate * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    if recipe.hflip:
+        flip = torch.rand(n, generator=generator) < 0.5
+        theta[flip, :, 0] *= -1
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None = None,
+                  log_every: int = 100) -> dict[str, Any]:
+    """Train a zoo teacher from its recipe and write ``NAME.safetensors`` and ``NAME.json``.
+
+    Returns the card (which records the measured held-out top-1).
+    """
+    import timm
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from ..io import atomic_write_text, atomic_path
+
+    if name not in RECIPES:
+        raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
+    recipe = RECIPES[name]
+    if epochs is not None:
+        recipe = TeacherRecipe(**{**asdict(recipe), "epochs": epochs})
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    train, test = load_split(recipe.dataset, "train"), load_split(recipe.dataset, "test")
+    mean, std = train.channel_stats()
+    model_kwargs = recipe.model_kwargs(train.num_classes)
+    model = timm.create_model(BASE_ARCHITECTURE, pretrained=False, **model_kwargs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+    total, warmup = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / total))))
+    started = time.time()
+    bar = tqdm(total=total, desc=f"training {name}", unit="step")
+    for _ in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=generator)
+        for start in range(0, len(train), recipe.batch_size):
+            index = order[start:start + recipe.batch_size]
+            images = _augment(train.images(index), recipe, generator)
+            loss = F.cross_entropy(model(normalize(images, mean, std)), train.labels[index],
+                                   label_smoothing=recipe.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update(1)
+            if bar.n % log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    accuracy = evaluate_accuracy(model, test, mean, std)
+    card = dict(name=name, architecture=BASE_ARCHITECTURE, model_kwargs=model_kwargs,
+                num_classes=train.num_classes, class_names=list(train.class_names), dataset=recipe.dataset,
+                mean=list(mean), std=list(std), recipe=asdict(recipe), heldout_top1=accuracy,
+                heldout_images=len(test), train_seconds=round(time.time() - started, 1),
+                parameters=sum(p.numel() for p in model.parameters()),
+                torch_version=torch.__version__, timm_version=timm.__version__)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / f"{name}.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                  metadata={"card": json.dumps(card)})
+    atomic_write_text(out / f"{name}.json", json.dumps(card, indent=2) + "\n")
+    return card

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from smi_plugin import InversionConfig, StoppingSchedule
+
+
+def test_defaults_follow_the_paper():
+    config = InversionConfig()
+    assert (config.iterations, config.lr, config.betas, config.tv_l2_weight) == (4000, 0.25, (0.5, 0.99), 1e-4)
+    assert config.schedule == StoppingSchedule.paper()
+
+
+def test_round_trips_through_json():
+    config = InversionConfig(iterations=123, schedule="10:0.5", seed=7, mean=(0.1, 0.2, 0.3),
+                             std=(0.4, 0.5, 0.6), base_method="psaq", tie_channels=True)
+    restored = InversionConfig.from_json(config.to_json())
+    assert restored == config
+    assert json.loads(config.to_json())["schedule"] == "10:0.5"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("iterations", 0), ("batch_size", -1), ("lr", 0.0), ("betas", (0.5, 1.0)), ("lr_schedule", "step"),
+    ("base_method", "nope"), ("tv_l2_weight", -1.0), ("jitter", 1.5), ("std", (0.0, 1.0, 1.0)),
+])
+def test_invalid_fields_are_named(field, value):
+    kwargs = {field: value}
+    if field == "std":
+        kwargs["mean"] = (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=field):
+        InversionConfig(**kwargs)
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ValueError, match="unknown InversionConfig keys"):
+        InversionConfig.from_dict({"iterations": 5, "learning_rate": 0.1})

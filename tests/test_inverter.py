@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, UnsupportedModelError
+from smi_plugin.tokens import images_to_patches, patch_grid
+
+from conftest import make_vit
+
+
+def _config(**overrides):
+    base = dict(iterations=12, batch_size=4, schedule="2:0.3,4:0.3,6:0.5", log_every=1)
+    return InversionConfig(**{**base, **overrides})
+
+
+def _count_block_inputs(model):
+    lengths = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    return lengths, handle
+
+
+def test_paper_schedule_token_counts_at_224():
+    """DeiT at 224 with the paper's schedule: 196 -> 137 -> 95 -> 66 -> 46 tokens reach the blocks."""
+    model = make_vit("deit_tiny_patch16_224", depth=1, embed_dim=24, num_heads=2)
+    config = InversionConfig(iterations=8, batch_size=2, schedule="1:0.3,2:0.3,4:0.3,6:0.3")
+    lengths, handle = _count_block_inputs(model)
+    batch = SparseInverter(model, config, progress=False).invert([0, 1])
+    handle.remove()
+    assert lengths == [1 + n for n in [196, 137, 95, 95, 66, 66, 46, 46]]
+    assert batch.patch_mask.sum(dim=(1, 2)).tolist() == [46, 46]
+    assert batch.kept_indices.shape == (2, 46)
+
+
+def test_stopped_pixels_are_bit_identical_to_the_end(tiny_vit):
+    config = _config(l2_weight=1e-3, tv_l1_weight=0.1)
+    batch = SparseInverter(tiny_vit, config, progress=False).invert([0, 1, 2, 3], snapshots=True)
+    snaps = batch.snapshots
+    assert [it for it, _, _ in snaps] == [2, 4, 6, 12]
+    final = batch.images
+    for (it, images, mask), (_, _, next_mask) in zip(snaps, snaps[1:]):
+        stopped = mask & ~next_mask
+        assert stopped.any()
+        pixel_mask = stopped.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).expand_as(final)
+        assert torch.equal(images[pixel_mask], final[pixel_mask]), f"pixels stopped at {it} changed"
+    # Retained pixels did move, so the check above is not vacuous.
+    first_images, last_mask = snaps[0][1], snaps[-1][2]
+    keep = last_mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).expand_as(final)
+    assert not torch.equal(first_images[keep], final[keep])
+
+
+def test_same_seed_same_bits_other_seed_other_images(tiny_vit):
+    config = _config()
+    first = SparseInverter(tiny_vit, config, progress=False).invert([1, 2, 3])
+    second = SparseInverter(tiny_vit, config, progress=False).invert([1, 2, 3])
+    other = SparseInverter(tiny_vit, config.replace(seed=1), progress=False).invert([1, 2, 3])
+    assert torch.equal(first.images, second.images) and torch.equal(first.patch_mask, second.patch_mask)
+    assert not torch.equal(first.images, other.images)
+
+
+def test_dense_is_the_same_path_with_every_patch(tiny_vit):
+    lengths, handle = _count_block_inputs(tiny_vit)
+    batch = SparseInverter(tiny_vit, _config(schedule="dense"), progress=False).invert([0, 1])
+    handle.remove()
+    assert set(lengths) == {65} and batch.patch_mask.all()
+
+
+def test_whole_patch_augmentation_equals_rolling_and_flipping_the_image(tiny_vit):
+    inverter = SparseInverter(tiny_vit, _config(jitter=0.25), progress=False)
+    grid = patch_grid(tiny_vit)
+    images = torch.randn(6, 3, 32, 32)
+    patches = images_to_patches(images, grid.patch_size)
+    kept = torch.arange(grid.num_patches).expand(6, -1)
+    positions, moved = inverter._augment(kept, patches, torch.Generator().manual_seed(3))
+    placed = torch.empty_like(patches).scatter_(1, positions.unsqueeze(-1).expand_as(moved), moved)
+    from smi_plugin.tokens import patches_to_images
+    placed = patches_to_images(placed, grid)
+    for i in range(6):
+        candidates = [torch.roll(images[i], (dy * 4, dx * 4), (1, 2)) for dy in range(-2, 3) for dx in range(-2, 3)]
+        candidates += [c.flip(-1) for c in candidates]
+        assert any(torch.equal(placed[i], c) for c in candidates)
+
+
+def test_inverted_images_reach_their_targets(tiny_vit):
+    config = _config(iterations=60, schedule="10:0.3,20:0.3", lr=0.1)
+    batch = SparseInverter(tiny_vit, config, progress=False).invert(torch.arange(8) % 10)
+    assert batch.history[-1]["ce"] < batch.history[0]["ce"]
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    assert batch.provenance["config"]["schedule"] == "10:0.3,20:0.3"
+    assert batch.provenance["kept_counts"] == [64, 44, 30]
+
+
+def test_tied_channels_give_gray_images(tiny_vit):
+    batch = SparseInverter(tiny_vit, _config(tie_channels=True), progress=False).invert([0, 1])
+    assert torch.allclose(batch.images[:, 0], batch.images[:, 1]) and torch.allclose(batch.images[:, 0], batch.images[:, 2])
+
+
+def test_psaq_base_method_runs_sparse(tiny_vit):
+    batch = SparseInverter(tiny_vit, _config(base_method="psaq"), progress=False).invert([0, 1])
+    assert "patch_entropy" in batch.history[-1] and batch.num_kept == 15
+
+
+def test_long_label_lists_are_chunked(tiny_vit):
+    batch = SparseInverter(tiny_vit, _config(batch_size=3, iterations=3, schedule="1:0.5"), progress=False).invert(list(range(7)))
+    assert batch.images.shape == (7, 3, 32, 32) and batch.labels.tolist() == list(range(7))
+
+
+def test_callback_sees_losses_and_kept_counts(tiny_vit):
+    seen = []
+    SparseInverter(tiny_vit, _config(), callback=seen.append, progress=False).invert([0])
+    assert [r["kept"] for r in seen][:8] == [64, 64, 44, 44, 30, 30, 15, 15]
+
+
+def test_teacher_weights_are_restored(tiny_vit):
+    tiny_vit.train()
+    SparseInverter(tiny_vit, _config(iterations=2, schedule="1:0.5"), progress=False).invert([0])
+    assert tiny_vit.training and all(p.requires_grad for p in tiny_vit.parameters())
+
+
+@pytest.mark.parametrize("labels, error, match", [
+    ([10], ValueError, "outside"), ([-1], ValueError, "outside"), ([], ValueError, "no labels"),
+    (torch.tensor([0.5]), TypeError, "integer"),
+])
+def test_bad_labels_fail_before_work(tiny_vit, labels, error, match):
+    with pytest.raises(error, match=match):
+        SparseInverter(tiny_vit, _config(), progress=False).invert(labels)
+
+
+def test_labels_on_another_device_fail(tiny_vit):
+    with pytest.raises(ValueError, match="move them"):
+        SparseInverter(tiny_vit, _config(), progress=False).invert(torch.zeros(2, dtype=torch.long, device="meta"))
+
+
+def test_bad_models_and_sizes_fail_early(tiny_vit):
+    with pytest.raises(UnsupportedModelError):
+        SparseInverter(torch.nn.Linear(3, 3), _config())
+    with pytest.raises(ValueError, match="accepts"):
+        SparseInverter(tiny_vit, _config(image_size=(48, 48)))
+    with pytest.raises(ValueError, match="keep 0"):
+        SparseInverter(tiny_vit, _config(schedule="1:0.9,2:0.9,3:0.9"))
