@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .config import InversionConfig
-from .losses import BASE_METHODS
+from .losses import BASE_METHODS, ImagePriors
+from .priors import RetainedPixelPriors
 from .schedule import StoppingSchedule
 from .tokens import (PatchGrid, check_vit, forward_patches, images_to_patches, indices_to_mask,
                      patch_grid, patches_to_images, position_tokens, record_cls_attention)
@@ -109,6 +110,34 @@ class InvertedBatch:
             provenance={**first.provenance, "parts": [b.provenance for b in batches]},
             history=first.history,
         )
+
+
+@dataclass
+class InversionState:
+    """Everything one batch's optimisation carries between iterations.
+
+    ``canvas`` holds every patch's latest committed value ``(B, N, Cp*p*p)``; ``param`` the retained
+    patches ``(B, K, Cp*p*p)`` at grid indices ``kept`` ``(B, K)``, the only tensor Adam updates.
+    """
+
+    labels: torch.Tensor
+    generator: torch.Generator
+    canvas: torch.Tensor
+    kept: torch.Tensor
+    param: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    positions: tuple[torch.Tensor, torch.Tensor]
+    priors: RetainedPixelPriors | None = None  # None while every patch is retained
+
+    def current_patches(self) -> torch.Tensor:
+        """All patches at their current values (retained ones from ``param``), detached."""
+        with torch.no_grad():
+            return self.canvas.scatter(1, self.kept.unsqueeze(-1).expand_as(self.param), self.param)
+
+    def commit(self) -> None:
+        """Write the retained patches' values into the canvas."""
+        with torch.no_grad():
+            self.canvas.scatter_(1, self.kept.unsqueeze(-1).expand_as(self.param), self.param)
 
 
 @contextmanager
@@ -277,88 +306,98 @@ class SparseInverter:
     def _optimizer(self, param: torch.Tensor) -> torch.optim.Adam:
         return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas)
 
-    def _stop_patches(self, ratio: float, scores: torch.Tensor, canvas: torch.Tensor, kept: torch.Tensor,
-                      param: torch.Tensor, optimizer: torch.optim.Adam):
+    def start(self, labels: torch.Tensor, seed: int) -> "InversionState":
+        """Fresh state for one batch: Gaussian noise in normalized space, every patch retained."""
+        grid = self.grid
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(labels.numel(), self.param_channels, *grid.image_size, generator=generator)
+        canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
+        kept = torch.arange(grid.num_patches, device=self.device).expand(labels.numel(), -1).contiguous()
+        param = canvas.clone().requires_grad_(True)
+        return InversionState(labels=labels, generator=generator, canvas=canvas, kept=kept, param=param,
+                              optimizer=self._optimizer(param),
+                              positions=position_tokens(self.model, grid, self.dtype))
+
+    def stop(self, state: "InversionState", ratio: float, scores: torch.Tensor) -> None:
         """Keep the most-attended patches; freeze the rest into the canvas; shrink param and Adam state."""
+        param, kept = state.param, state.kept
         keep = StoppingSchedule.keep_count(kept.shape[1], ratio)
         survivors = scores.topk(keep, dim=1).indices.sort(dim=1).values
         expand = survivors.unsqueeze(-1).expand(-1, -1, param.shape[-1])
         with torch.no_grad():
-            canvas.scatter_(1, kept.unsqueeze(-1).expand_as(param), param)
+            state.canvas.scatter_(1, kept.unsqueeze(-1).expand_as(param), param)
             new_param = param.gather(1, expand).requires_grad_(True)
-        new_optimizer = self._optimizer(new_param)
-        state = optimizer.state.get(param, {})
-        new_optimizer.state[new_param] = {
+        optimizer = self._optimizer(new_param)
+        old = state.optimizer.state.get(param, {})
+        optimizer.state[new_param] = {
             name: value.gather(1, expand) if torch.is_tensor(value) and value.shape == param.shape else value
-            for name, value in state.items()}
-        return kept.gather(1, survivors), new_param, new_optimizer
+            for name, value in old.items()}
+        state.kept, state.param, state.optimizer = kept.gather(1, survivors), new_param, optimizer
+        if self.method.needs_images():
+            state.priors = RetainedPixelPriors.plan(state.canvas, state.kept, self.grid, self.param_channels)
+
+    def step(self, state: "InversionState", iteration: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One optimisation step on the retained patches. Returns ``(loss, logits, loss parts)``."""
+        param, kept = state.param, state.kept
+        for group in state.optimizer.param_groups:
+            group["lr"] = self._lr_at(iteration)
+        positions, patches = self._augment(kept, param, state.generator)
+        logits = forward_patches(self.model, self.grid, self._to_model_channels(patches), positions,
+                                 state.positions)
+        priors = None
+        if self.method.needs_images():
+            # While every patch is retained, param is the whole image (kept is 0..N-1 in order).
+            priors = (ImagePriors(patches_to_images(param, self.grid, self.param_channels))
+                      if state.priors is None else state.priors.bind(param))
+        loss, parts = self.method.loss(logits, state.labels, priors)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        with torch.no_grad():
+            shaped = param.view(param.shape[0], param.shape[1], self.param_channels, -1)
+            torch.maximum(shaped, self.clamp_low, out=shaped)
+            torch.minimum(shaped, self.clamp_high, out=shaped)
+        return loss, logits, parts
 
     def _invert_batch(self, labels: torch.Tensor, seed: int, snapshots: bool, bar) -> InvertedBatch:
         cfg, grid = self.config, self.grid
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed)
-        b = labels.numel()
-        noise = torch.randn(b, self.param_channels, *grid.image_size, generator=generator)
-        canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
-        kept = torch.arange(grid.num_patches, device=self.device).expand(b, -1).contiguous()
-        param = canvas.clone().requires_grad_(True)
-        optimizer = self._optimizer(param)
+        state = self.start(labels, seed)
         stages = dict(cfg.schedule.stages)
-        need_images = self.method.needs_images()
         history: list[dict[str, float]] = []
         shots: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         parts: dict[str, float] = {}
         with frozen(self.model), self.method.hooks(self.model), \
                 record_cls_attention(self.model, enabled=bool(stages)) as attention:
-            positions_cache = position_tokens(self.model, grid, self.dtype)
             for iteration in range(cfg.iterations):
                 ratio = stages.get(iteration)
                 if ratio:
                     if snapshots:
-                        shots.append(self._snapshot(iteration, canvas, kept, param))
-                    kept, param, optimizer = self._stop_patches(ratio, attention.pop("scores"), canvas, kept,
-                                                                param, optimizer)
+                        shots.append(self._snapshot(iteration, state))
+                    self.stop(state, ratio, attention.pop("scores"))
                 attention["active"] = (iteration + 1) in stages
-                for group in optimizer.param_groups:
-                    group["lr"] = self._lr_at(iteration)
-                positions, patches = self._augment(kept, param, generator)
-                logits = forward_patches(self.model, grid, self._to_model_channels(patches), positions,
-                                         positions_cache)
-                images = None
-                if need_images:
-                    full = canvas.scatter(1, kept.unsqueeze(-1).expand_as(param), param)
-                    images = patches_to_images(full, grid, self.param_channels)
-                loss, parts = self.method.loss(logits, labels, images)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    shaped = param.view(b, param.shape[1], self.param_channels, -1)
-                    torch.maximum(shaped, self.clamp_low, out=shaped)
-                    torch.minimum(shaped, self.clamp_high, out=shaped)
+                loss, logits, parts = self.step(state, iteration)
                 if bar is not None:
                     bar.update(1)
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
-                    record = {"iteration": iteration, "loss": loss.item(), "kept": int(kept.shape[1]),
+                    record = {"iteration": iteration, "loss": loss.item(), "kept": int(state.kept.shape[1]),
                               "target_accuracy": (logits.argmax(1) == labels).float().mean().item(), **parts}
                     history.append(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.3f}", kept=record["kept"])
                     if self.callback is not None:
                         self.callback(record)
-            with torch.no_grad():
-                canvas.scatter_(1, kept.unsqueeze(-1).expand_as(param), param)
+        state.commit()
         if snapshots:
-            shots.append(self._snapshot(cfg.iterations, canvas, kept, None))
-        images = self._to_pixels(canvas)
+            shots.append(self._snapshot(cfg.iterations, state))
         provenance = {
             "config": cfg.to_dict(), "teacher": _model_name(self.model), "seed": seed,
             "kept_counts": self.kept_counts, "num_patches": grid.num_patches,
             "final_losses": {**parts, "target_accuracy": history[-1]["target_accuracy"]},
             "seconds": round(time.perf_counter() - started, 3), "torch_version": torch.__version__,
         }
-        return InvertedBatch(images=images, patch_mask=indices_to_mask(kept, grid), labels=labels,
-                             kept_indices=kept, mean=tuple(self.mean), std=tuple(self.std),
+        return InvertedBatch(images=self._to_pixels(state.canvas), patch_mask=indices_to_mask(state.kept, grid),
+                             labels=labels, kept_indices=state.kept, mean=tuple(self.mean), std=tuple(self.std),
                              provenance=provenance, history=history, snapshots=shots)
 
     def _to_pixels(self, canvas: torch.Tensor) -> torch.Tensor:
@@ -367,11 +406,8 @@ class SparseInverter:
         std = torch.tensor(self.std, dtype=self.dtype, device=self.device).view(1, -1, 1, 1)
         return (normalized * std + mean).clamp_(0, 1).detach()
 
-    def _snapshot(self, iteration: int, canvas: torch.Tensor, kept: torch.Tensor,
-                  param: torch.Tensor | None) -> tuple[int, torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            current = canvas if param is None else canvas.scatter(1, kept.unsqueeze(-1).expand_as(param), param)
-            return iteration, self._to_pixels(current).cpu(), indices_to_mask(kept, self.grid).cpu()
+    def _snapshot(self, iteration: int, state: "InversionState") -> tuple[int, torch.Tensor, torch.Tensor]:
+        return iteration, self._to_pixels(state.current_patches()).cpu(), indices_to_mask(state.kept, self.grid).cpu()
 
 
 def _model_name(model: nn.Module) -> str:

@@ -36,26 +36,46 @@ def register_base_method(name: str) -> Callable[[type], type]:
     return decorate
 
 
-def total_variation(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image total variation, batch-averaged: ``(l2, l1)``.
-
-    ``l2`` is the sum of the Frobenius norms of the horizontal, vertical and two diagonal pixel
-    differences (DeepInversion's ``TV_l2``); ``l1`` is the sum of their mean absolute values.
-    """
-    diffs = (
+def pixel_differences(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Horizontal, vertical and the two diagonal neighbour differences of ``(B, C, H, W)`` images."""
+    return (
         images[..., :, 1:] - images[..., :, :-1],
         images[..., 1:, :] - images[..., :-1, :],
         images[..., 1:, :-1] - images[..., :-1, 1:],
         images[..., 1:, 1:] - images[..., :-1, :-1],
     )
-    l2 = sum(d.flatten(1).norm(dim=1) for d in diffs).mean()
-    l1 = sum(d.abs().flatten(1).mean(dim=1) for d in diffs).mean()
-    return l2, l1
+
+
+def tv_l2(images: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's ``TV_l2`` per image, batch-averaged: the sum of the Frobenius norms of the four
+    directional pixel differences."""
+    return sum(d.flatten(1).norm(dim=1) for d in pixel_differences(images)).mean()
+
+
+def tv_l1(images: torch.Tensor) -> torch.Tensor:
+    """``TV_l1`` per image, batch-averaged: the sum of the four mean absolute pixel differences."""
+    return sum(d.abs().flatten(1).mean(dim=1) for d in pixel_differences(images)).mean()
 
 
 def image_l2(images: torch.Tensor) -> torch.Tensor:
     """Per-image l2 norm of the (normalized) image, batch-averaged."""
     return images.flatten(1).norm(dim=1).mean()
+
+
+class ImagePriors:
+    """The pixel priors of full images (``smi_plugin.priors`` computes the same from retained pixels)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def tv_l2(self) -> torch.Tensor:
+        return tv_l2(self.images)
+
+    def tv_l1(self) -> torch.Tensor:
+        return tv_l1(self.images)
+
+    def l2(self) -> torch.Tensor:
+        return image_l2(self.images)
 
 
 @register_base_method("deepinversion")
@@ -70,16 +90,20 @@ class DeepInversion:
         return nullcontext()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor,
-             images: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted total loss and its unweighted components (for logging)."""
+             priors: "ImagePriors | None") -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted total loss and its unweighted components (for logging).
+
+        ``priors`` gives the whole image's TV and l2 (``ImagePriors`` or the retained-pixel
+        equivalent). Only terms with a non-zero weight are computed.
+        """
         cfg = self.config
         ce = F.cross_entropy(logits, labels)
         total, parts = cfg.ce_weight * ce, {"ce": ce}
-        if images is not None:
-            tv_l2, tv_l1 = total_variation(images)
-            l2 = image_l2(images)
-            total = total + cfg.tv_l2_weight * tv_l2 + cfg.tv_l1_weight * tv_l1 + cfg.l2_weight * l2
-            parts.update(tv_l2=tv_l2, tv_l1=tv_l1, l2=l2)
+        if priors is not None:
+            for name, weight in (("tv_l2", cfg.tv_l2_weight), ("tv_l1", cfg.tv_l1_weight), ("l2", cfg.l2_weight)):
+                if weight > 0:
+                    parts[name] = getattr(priors, name)()
+                    total = total + weight * parts[name]
         return total, {k: v.item() for k, v in parts.items()}
 
     def needs_images(self) -> bool:
@@ -137,8 +161,8 @@ class PSAQViT(DeepInversion):
                 handle.remove()
             self._features.clear()
 
-    def loss(self, logits, labels, images):
-        total, parts = super().loss(logits, labels, images)
+    def loss(self, logits, labels, priors):
+        total, parts = super().loss(logits, labels, priors)
         entropy = sum(patch_similarity_entropy(f, self._heads, self._prefix) for f in self._features)
         self._features.clear()
         parts["patch_entropy"] = float(entropy.detach())
