@@ -187,14 +187,25 @@ def forward_kept_tokens(model: nn.Module, pixel_values: torch.Tensor,
         >>> logits = forward_kept_tokens(vit, batch.normalized(), batch.patch_mask)
     """
     grid = patch_grid(model, tuple(pixel_values.shape[-2:]))
+    cache = position_tokens(model, grid, pixel_values.dtype)
+    return run_on_kept_patches(lambda p, pos: forward_patches(model, grid, p, pos, cache), grid,
+                               pixel_values, patch_mask)
+
+
+def run_on_kept_patches(patch_forward, grid: PatchGrid, pixel_values: torch.Tensor,
+                        patch_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply ``patch_forward(patches (b, K, C*p*p), positions (b, K))`` to the kept patches of each image.
+
+    Images are grouped by kept count (so every call is rectangular) and outputs returned in input
+    order; ``patch_mask=None`` keeps every patch.
+    """
     if pixel_values.dim() != 4 or pixel_values.shape[1] != grid.in_chans:
         raise ValueError(f"pixel_values must be (B, {grid.in_chans}, H, W), got {tuple(pixel_values.shape)}")
     patches = images_to_patches(pixel_values, grid.patch_size)
     b = patches.shape[0]
-    cache = position_tokens(model, grid, patches.dtype)
     if patch_mask is None:
         positions = torch.arange(grid.num_patches, device=patches.device).expand(b, -1)
-        return forward_patches(model, grid, patches, positions, cache)
+        return patch_forward(patches, positions)
     if patch_mask.shape != (b, *grid.grid_size):
         raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)} but the model's patch grid for these "
                          f"images is {(b, *grid.grid_size)}")
@@ -202,16 +213,16 @@ def forward_kept_tokens(model: nn.Module, pixel_values: torch.Tensor,
     counts = patch_mask.flatten(1).sum(1)
     if bool((counts == 0).any()):
         raise ValueError("patch_mask keeps no patch for some images; every image needs at least one kept patch")
-    logits = None
+    outputs = None
     for count in counts.unique().tolist():
         rows = (counts == count).nonzero().squeeze(1)
         kept = mask_to_indices(patch_mask[rows])
         chosen = patches[rows].gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        out = forward_patches(model, grid, chosen, kept, cache)
-        if logits is None:
-            logits = out.new_empty(b, *out.shape[1:])
-        logits[rows] = out
-    return logits
+        out = patch_forward(chosen, kept)
+        if outputs is None:
+            outputs = out.new_empty(b, *out.shape[1:])
+        outputs[rows] = out
+    return outputs
 
 
 def cls_attention_scores(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:

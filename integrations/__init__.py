@@ -1,0 +1,1 @@
+"""Adapters from smi-plugin to quantization/distillation toolkits (imported lazily, one per toolkit)."""

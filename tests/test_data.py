@@ -1,0 +1,39 @@
+import gzip
+import struct
+
+import pytest
+import torch
+
+from smi_plugin.data import DatasetNotFoundError, load_split
+
+
+def test_digits_splits_are_disjoint_and_stratified():
+    train, test = load_split("digits", "train"), load_split("digits", "test")
+    assert len(train) + len(test) == 1797 and len(test) == 360
+    assert train.pixels.shape[1:] == (1, 32, 32) and train.pixels.dtype == torch.uint8
+    assert torch.bincount(test.labels).min() >= 35
+    images = train.images(slice(0, 4))
+    assert images.shape == (4, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    assert not any(torch.equal(test.pixels[0], p) for p in train.pixels[:200])
+
+
+def test_fashion_mnist_from_a_directory_of_idx_files(tmp_path):
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 9], dtype=torch.uint8)
+    for prefix in ("train", "t10k"):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 5, 28, 28) + images.numpy().tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 5) + labels.numpy().tobytes())
+    split = load_split("fashion-mnist", "test", data_dir=tmp_path)
+    assert len(split) == 5 and split.labels.tolist() == [0, 1, 2, 3, 9]
+    assert split.pixels.shape == (5, 1, 32, 32) and split.class_names[9] == "Ankle boot"
+
+
+def test_missing_files_name_the_package(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_split("fashion-mnist", "train", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_split("cifar", "train")
+    with pytest.raises(ValueError, match="unknown split"):
+        load_split("digits", "val")

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+from smi_plugin import load_teacher
+from smi_plugin.data import load_split
+from smi_plugin.evaluation import evaluate_accuracy, model_normalization
+from smi_plugin.zoo import TeacherError, card_path, load_card, weights_path, zoo_names
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_shipped_teacher_reproduces_its_card(name):
+    card = load_card(name)
+    assert weights_path(name).stat().st_size < 5 * 2 ** 20
+    teacher = load_teacher(name)
+    assert teacher.pretrained_cfg["mean"] == tuple(card["mean"])
+    test = load_split(card["dataset"], "test")
+    accuracy = evaluate_accuracy(teacher, test, *model_normalization(teacher))
+    assert accuracy == pytest.approx(card["heldout_top1"], abs=1e-4)
+    assert accuracy >= {"digits": 0.97, "fashion-mnist": 0.88}[card["dataset"]]
+
+
+def test_timm_checkpoint_path_loads_a_users_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    teacher = load_teacher("digits-vit")
+    path = tmp_path / "mine.safetensors"
+    save_file(teacher.state_dict(), str(path))
+    shape = {k: v for k, v in load_card("digits-vit")["model_kwargs"].items() if k != "num_classes"}
+    mine = load_teacher("vit_tiny_patch16_224", checkpoint_path=str(path), num_classes=10, **shape)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(mine(x), teacher(x))
+
+
+def test_bad_teachers_get_clear_errors(tmp_path):
+    with pytest.raises(TeacherError, match="unknown teacher 'nope'"):
+        load_teacher("nope")
+    with pytest.raises(TeacherError, match="carries its own weights"):
+        load_teacher("digits-vit", pretrained=True)
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file(load_teacher("digits-vit").state_dict(), str(path))
+    with pytest.raises(TeacherError, match="does not match"):
+        load_teacher("vit_tiny_patch16_224", checkpoint_path=str(path), num_classes=7, img_size=32, patch_size=4,
+                     embed_dim=96, depth=4, num_heads=3)
+    with pytest.raises(TeacherError, match="not found"):
+        load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "missing.pth"))
+
+
+def test_cards_record_the_recipe():
+    for name in zoo_names():
+        card = json.loads(card_path(name).read_text())
+        assert {"architecture", "recipe", "mean", "std", "heldout_top1"} <= set(card)
+        assert card["recipe"]["seed"] == 0
