@@ -1,0 +1,268 @@
+"""The ``smi`` command line: a thin layer over the library calls a Python user makes.
+
+Runs as ``smi ...``, ``python -m smi_plugin.cli ...`` and ``accelerate launch -m smi_plugin.cli ...``.
+Every inversion option mirrors an ``InversionConfig`` field; ``--config FILE`` (YAML or JSON) sets
+them too, with flags given on the command line taking precedence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import InversionConfig
+
+COMMANDS = ("invert", "quantize", "distill", "bench", "demo", "train-teacher")
+
+
+class CLIError(SystemExit):
+    """An error with a message for the user (exit status 2, no traceback)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"smi: error: {message}")
+
+
+# ------------------------------------------------------------------------------ shared options
+def add_teacher_arguments(parser: argparse.ArgumentParser, default: str | None = "fashion-mnist-vit") -> None:
+    group = parser.add_argument_group("teacher")
+    group.add_argument("--teacher", default=default,
+                       help="zoo name (fashion-mnist-vit, digits-vit) or any timm model name (default: %(default)s)")
+    group.add_argument("--pretrained", action="store_true", help="timm names: load timm's pretrained weights (hub)")
+    group.add_argument("--checkpoint", default=None, help="timm names: a local checkpoint (.safetensors/.pth)")
+    group.add_argument("--num-classes", type=int, default=None, help="timm names: classifier size")
+
+
+def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``InversionConfig`` field (defaults None: unset flags keep config/file values)."""
+    group = parser.add_argument_group("inversion (InversionConfig)")
+    group.add_argument("--config", default=None, help="YAML or JSON file whose keys are InversionConfig fields")
+    group.add_argument("--iterations", type=int, help="optimisation steps per batch (paper: 4000)")
+    group.add_argument("--batch-size", type=int, help="images inverted together (paper: 32)")
+    group.add_argument("--lr", type=float, help="Adam learning rate (paper: 0.25)")
+    group.add_argument("--schedule", help="'paper', 'paper-scaled' (paper's stages scaled to --iterations), "
+                                          "'dense' or 'IT:RATIO,...' e.g. '50:0.3,100:0.3'")
+    group.add_argument("--base-method", choices=["deepinversion", "psaq"], help="the dense method sped up")
+    group.add_argument("--tv-l2-weight", type=float, help="weight of the l2 total variation (paper: 1e-4)")
+    group.add_argument("--l2-weight", type=float, help="weight of the l2 image prior")
+    group.add_argument("--jitter", type=float, help="max roll as a fraction of the side, in whole patches")
+    group.add_argument("--tie-channels", action=argparse.BooleanOptionalAction, default=None,
+                       help="optimise one gray channel (a prior for grayscale teachers)")
+    group.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule")
+    group.add_argument("--seed", type=int, help="run seed (images and augmentation)")
+
+
+def read_config_file(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"config file {path} not found")
+    text = file.read_text()
+    try:
+        if file.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise CLIError(f"cannot parse {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise CLIError(f"{path} must hold a mapping of InversionConfig fields, got {type(data).__name__}")
+    return data
+
+
+def inversion_config(args: argparse.Namespace, **defaults: Any) -> InversionConfig:
+    """``InversionConfig`` from: library defaults < ``defaults`` < ``--config`` file < explicit flags."""
+    from .schedule import StoppingSchedule
+
+    fields = {f.name for f in dataclasses.fields(InversionConfig)}
+    values = {**defaults, **read_config_file(getattr(args, "config", None))}
+    for name in fields:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise CLIError(f"unknown InversionConfig keys {unknown}; valid keys: {sorted(fields)}")
+    if str(values.get("schedule", "")).lower() == "paper-scaled":
+        values["schedule"] = StoppingSchedule.paper_scaled(values.get("iterations", InversionConfig.iterations))
+    try:
+        return InversionConfig(**values)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from err
+
+
+def load_teacher_from_args(args: argparse.Namespace):
+    from .zoo import TeacherError, load_teacher
+
+    try:
+        return load_teacher(args.teacher, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+                            num_classes=args.num_classes)
+    except TeacherError as err:
+        raise CLIError(str(err)) from err
+
+
+def parse_labels(text: str | None, num_images: int | None, num_classes: int) -> list[int]:
+    from .calibration import balanced_labels
+
+    if text:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise CLIError(f"--labels must be comma-separated class indices, got {text!r}") from err
+    if not num_images or num_images < 1:
+        raise CLIError("give --num-images N (labels balanced over classes) or --labels 0,1,2,...")
+    return balanced_labels(num_images, num_classes)
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_invert(args: argparse.Namespace) -> None:
+    from .distributed import OutputDirectoryError, invert_to_directory
+    from .export import load_inverted, push_to_hub
+
+    teacher = load_teacher_from_args(args)
+    config = inversion_config(args, iterations=300, schedule="paper-scaled")
+    labels = parse_labels(args.labels, args.num_images, int(teacher.num_classes))
+    try:
+        out = invert_to_directory(teacher, config, args.out, labels, progress=not args.quiet)
+    except (OutputDirectoryError, ValueError) as err:
+        raise CLIError(str(err)) from err
+    from .distributed import distributed_state
+
+    if not distributed_state().is_main_process:
+        return
+    inverted = load_inverted(out)
+    if args.parquet:
+        inverted.dataset.to_parquet(args.parquet)
+    if args.grid:
+        from .visualize import save_grid
+
+        save_grid(_first_rows_as_batch(inverted, 64), args.grid)
+    print(f"wrote {len(inverted)} inverted images with {distributed_state().num_processes} process(es) to {out} "
+          "(datasets.load_from_disk) "
+          f"kept {inverted.tensors()['patch_mask'].float().mean().item():.1%} of patches")
+    if args.push_to_hub:
+        try:
+            push_to_hub(inverted.dataset, args.push_to_hub)
+        except ConnectionError as err:
+            raise CLIError(str(err)) from err
+
+
+def _first_rows_as_batch(inverted, count: int):
+    from .inverter import InvertedBatch
+    from .tokens import mask_to_indices
+
+    data = inverted.tensors()
+    rows = slice(0, min(count, len(inverted)))
+    mask = data["patch_mask"][rows]
+    counts = mask.flatten(1).sum(1)
+    kept = mask_to_indices(mask) if bool((counts == counts[0]).all()) else mask.flatten(1)[:0].long()
+    return InvertedBatch(data["pixel_values"][rows], mask, data["label"][rows], kept, inverted.mean, inverted.std)
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> None:
+    from .zoo import train_teacher
+
+    card = train_teacher(args.name, out_dir=args.out_dir or Path(__file__).parent / "zoo", epochs=args.epochs)
+    print(json.dumps({k: card[k] for k in ("name", "heldout_top1", "train_seconds", "parameters")}, indent=2))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_from_args
+
+    run_from_args(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quantize_cli import run_quantize
+
+    run_quantize(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .distill_cli import run_distill
+
+    run_distill(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args)
+
+
+# -------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smi", description="Sparse Model Inversion for ViTs: invert, quantize "
+                                     "and distil without real data.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    invert = sub.add_parser("invert", help="invert images from a teacher (distributed with accelerate launch)",
+                            description="Invert images and write them as a Hugging Face dataset "
+                                        "(datasets.load_from_disk(OUT)). Resumable: rerun the same command.")
+    add_teacher_arguments(invert)
+    add_inversion_arguments(invert)
+    invert.add_argument("--num-images", type=int, default=None, help="images to invert, labels balanced over classes")
+    invert.add_argument("--labels", default=None, help="explicit comma-separated labels (instead of --num-images)")
+    invert.add_argument("--out", required=True, help="output directory (a saved datasets.Dataset when done)")
+    invert.add_argument("--parquet", default=None, help="also write the rows to this Parquet file")
+    invert.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
+    invert.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the dataset to this Hub repo")
+    invert.add_argument("--quiet", action="store_true", help="no progress bar")
+    invert.set_defaults(func=cmd_invert)
+
+    quantize = sub.add_parser("quantize", help="data-free PTQ with torchao, evaluated on real held-out images",
+                              description="Quantize a teacher with torchao, calibrated on inverted images "
+                                          "(or a saved dataset), and compare calibration sources on real data.")
+    add_teacher_arguments(quantize)
+    add_inversion_arguments(quantize)
+    quantize.add_argument("--calibration", default="gaussian,dense,sparse,real",
+                          help="comma-separated sources: gaussian, dense, sparse, real, or a dataset directory")
+    quantize.add_argument("--num-calibration", type=int, default=32, help="calibration images (paper: 32)")
+    quantize.add_argument("--schemes", default="w8a8,w4a8", help="comma-separated: w8a8, w4a8, w8a6, w4a4")
+    quantize.add_argument("--coverages", default="linear", help="comma-separated: linear, full")
+    quantize.add_argument("--backend", default="pt2e", choices=["pt2e", "quantize_"], help="torchao flow")
+    quantize.add_argument("--range-estimator", default="minmax", choices=["minmax", "percentile", "mse"],
+                          help="activation range estimator over retained tokens")
+    quantize.add_argument("--seeds", default="0", help="comma-separated calibration seeds (mean and spread)")
+    quantize.add_argument("--eval-images", type=int, default=None, help="limit the held-out images evaluated")
+    quantize.add_argument("--json", default=None, help="write the results to this JSON file")
+    quantize.set_defaults(func=cmd_quantize)
+
+    distill = sub.add_parser("distill", help="data-free knowledge distillation from inverted images",
+                             description="Train a student on inverted images only; evaluate on real held-out images.")
+    add_teacher_arguments(distill)
+    add_inversion_arguments(distill)
+    distill.set_defaults(func=cmd_distill)
+
+    bench = sub.add_parser("bench", help="benchmark dense vs sparse inversion (speed, FLOPs, memory)")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    demo = sub.add_parser("demo", help="the main job end to end on the embedded Fashion-MNIST teacher")
+    demo.add_argument("--out", default="outputs/demo", help="where pictures, tables and the dataset go")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train-teacher", help="retrain a zoo teacher from its recipe (CPU)")
+    train.add_argument("name", help="zoo teacher name")
+    train.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    train.add_argument("--out-dir", default=None, help="where to write NAME.safetensors and NAME.json")
+    train.set_defaults(func=cmd_train_teacher)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
