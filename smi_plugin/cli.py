@@ -178,10 +178,46 @@ def cmd_bench(args: argparse.Namespace) -> None:
     run_from_args(args)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from .quantize_cli import run_quantize
+def teacher_splits(args: argparse.Namespace, teacher):
+    """The real (train, held-out) splits of the teacher's dataset (zoo card, or --dataset)."""
+    from .data import DatasetNotFoundError, load_split
 
-    run_quantize(args)
+    name = getattr(args, "dataset", None) or teacher.pretrained_cfg.get("dataset")
+    if name is None and teacher.pretrained_cfg.get("zoo_name"):
+        from .zoo import load_card
+
+        name = load_card(teacher.pretrained_cfg["zoo_name"])["dataset"]
+    if name is None:
+        raise CLIError("no real held-out data known for this teacher; pass --dataset fashion-mnist|digits")
+    try:
+        return load_split(name, "train"), load_split(name, "test")
+    except (DatasetNotFoundError, ValueError) as err:
+        raise CLIError(str(err)) from err
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from integrations.torchao_report import compare_calibrations, format_report
+
+    from .io import atomic_write_text
+
+    teacher = load_teacher_from_args(args)
+    config = inversion_config(args, iterations=300, schedule="paper-scaled")
+    train, test = teacher_splits(args, teacher)
+    try:
+        report = compare_calibrations(
+            teacher, test, train, sources=_csv(args.calibration), schemes=_csv(args.schemes),
+            coverages=_csv(args.coverages), seeds=[int(s) for s in _csv(args.seeds)],
+            num_calibration=args.num_calibration, inversion=config, backend=args.backend,
+            range_estimator=args.range_estimator, eval_images=args.eval_images)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from err
+    print(format_report(report))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -231,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="activation range estimator over retained tokens")
     quantize.add_argument("--seeds", default="0", help="comma-separated calibration seeds (mean and spread)")
     quantize.add_argument("--eval-images", type=int, default=None, help="limit the held-out images evaluated")
+    quantize.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
+                          help="real data to evaluate on (default: the zoo teacher's)")
     quantize.add_argument("--json", default=None, help="write the results to this JSON file")
     quantize.set_defaults(func=cmd_quantize)
 

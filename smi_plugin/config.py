@@ -10,6 +10,7 @@ from typing import Any, Optional
 from .schedule import StoppingSchedule
 
 LR_SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("patch", "pixel")
 
 
 @dataclass
@@ -33,9 +34,12 @@ class InversionConfig:
         tv_l1_weight: weight of the l1 total variation (mean absolute differences).
         l2_weight: weight of the per-image l2 norm of the (normalized) image.
         patch_similarity_weight: weight of PSAQ-ViT's patch-similarity entropy (``base_method="psaq"``).
-        jitter: random roll, as a fraction of the image side, applied in whole patches (see
-            ``smi_plugin.inverter`` for why whole patches).
+        augment: ``"patch"``: roll ("jitter") and flip in whole patches, exact and free (see
+            ``smi_plugin.inverter``); ``"pixel"``: random resized crops and flips of the whole image
+            (Plug-in Inversion style), forwarding the cells that best cover retained patches.
+        jitter: random roll, as a fraction of the image side (``augment="patch"``).
         flip: random horizontal flips (per image).
+        crop_scale: area range of the random resized crops (``augment="pixel"``).
         tie_channels: optimise one gray channel replicated over RGB (a prior for grayscale teachers).
         seed: seed of the initial noise and the augmentation.
         mean, std: normalization overriding the teacher's ``pretrained_cfg``.
@@ -56,8 +60,10 @@ class InversionConfig:
     tv_l1_weight: float = 0.0
     l2_weight: float = 0.0
     patch_similarity_weight: float = 1.0
+    augment: str = "patch"
     jitter: float = 0.125
     flip: bool = True
+    crop_scale: tuple[float, float] = (0.25, 1.0)
     tie_channels: bool = False
     seed: int = 0
     mean: Optional[tuple[float, ...]] = None
@@ -70,6 +76,7 @@ class InversionConfig:
 
         self.schedule = StoppingSchedule.parse(self.schedule)
         self.betas = tuple(float(b) for b in self.betas)
+        self.crop_scale = tuple(float(c) for c in self.crop_scale)
         for name in ("mean", "std", "image_size"):
             value = getattr(self, name)
             if value is not None:
@@ -95,6 +102,11 @@ class InversionConfig:
         for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "patch_similarity_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"InversionConfig.augment {self.augment!r} is unknown; use one of {AUGMENTATIONS}")
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"InversionConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
+                             f"got {self.crop_scale}")
         if not 0.0 <= self.jitter < 1.0:
             raise ValueError(f"InversionConfig.jitter is a fraction of the image side in [0, 1), got {self.jitter}")
         if (self.mean is None) != (self.std is None):

@@ -73,6 +73,10 @@ class ImageSplit:
             window = slice(start, start + batch_size)
             yield self.images(window), self.labels[window]
 
+    def subset(self, keep: torch.Tensor) -> "ImageSplit":
+        """The rows where ``keep`` (bool ``(N,)``) holds; class names unchanged."""
+        return ImageSplit(self.name, self.split, self.pixels[keep], self.labels[keep], self.class_names)
+
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the split in [0, 1] pixel units (identical over RGB)."""
         values = self.pixels.float().div(255.0)

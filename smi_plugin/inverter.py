@@ -294,6 +294,40 @@ class SparseInverter:
             patches = torch.where(flip.view(b, 1, 1, 1, 1), shaped.flip(-1), shaped).reshape(patches.shape)
         return rows * gw + cols, patches
 
+    def _augment_pixels(self, state: "InversionState") -> tuple[torch.Tensor, torch.Tensor]:
+        """Random resized crop + flip of the whole current image; the K cells best covering retained patches.
+
+        Returns ``(positions (B, K), patches (B, K, C*p*p))`` in the model's channels. Stopped pixels
+        can be seen inside a cell but get no update (only ``param`` is optimised).
+        """
+        cfg, grid = self.config, self.grid
+        param, kept, generator = state.param, state.kept, state.generator
+        b, k = kept.shape
+        full = state.canvas.scatter(1, kept.unsqueeze(-1).expand_as(param), param)
+        images = patches_to_images(self._to_model_channels(full), grid)
+        retained = indices_to_mask(kept, grid).to(images.dtype)
+        ph, pw = grid.patch_size
+        retained = retained.repeat_interleave(ph, 1).repeat_interleave(pw, 2).unsqueeze(1)
+        low, high = cfg.crop_scale
+        area = low + torch.rand(b, generator=generator) * (high - low)
+        log_ratio = (torch.rand(b, generator=generator) * 2 - 1) * math.log(4 / 3)
+        sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+        sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+        tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sx)
+        ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - sy)
+        if cfg.flip:
+            sx = torch.where(torch.rand(b, generator=generator) < 0.5, -sx, sx)
+        zero = torch.zeros(b)
+        theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+        theta = theta.to(images.device, images.dtype)
+        sampling = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        augmented = torch.nn.functional.grid_sample(images, sampling, mode="bilinear", align_corners=False)
+        coverage = torch.nn.functional.grid_sample(retained, sampling, mode="bilinear", align_corners=False)
+        coverage = torch.nn.functional.avg_pool2d(coverage, grid.patch_size).flatten(1)
+        cells = coverage.topk(k, dim=1).indices.sort(dim=1).values
+        patches = images_to_patches(augmented, grid.patch_size)
+        return cells, patches.gather(1, cells.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+
     def _lr_at(self, iteration: int) -> float:
         cfg = self.config
         if cfg.lr_schedule == "constant":
@@ -336,14 +370,25 @@ class SparseInverter:
         if self.method.needs_images():
             state.priors = RetainedPixelPriors.plan(state.canvas, state.kept, self.grid, self.param_channels)
 
-    def step(self, state: "InversionState", iteration: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """One optimisation step on the retained patches. Returns ``(loss, logits, loss parts)``."""
+    def step(self, state: "InversionState", iteration: int,
+             scoring: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """One optimisation step on the retained patches. Returns ``(loss, logits, loss parts)``.
+
+        ``scoring`` marks the iteration right before a stopping stage: with pixel augmentation it
+        runs un-augmented so that each token's attention belongs to exactly one retained patch.
+        """
         param, kept = state.param, state.kept
         for group in state.optimizer.param_groups:
             group["lr"] = self._lr_at(iteration)
-        positions, patches = self._augment(kept, param, state.generator)
-        logits = forward_patches(self.model, self.grid, self._to_model_channels(patches), positions,
-                                 state.positions)
+        if self.config.augment == "pixel" and not scoring:
+            positions, patches = self._augment_pixels(state)
+        else:
+            if self.config.augment == "patch":
+                positions, patches = self._augment(kept, param, state.generator)
+            else:
+                positions, patches = kept, param
+            patches = self._to_model_channels(patches)
+        logits = forward_patches(self.model, self.grid, patches, positions, state.positions)
         priors = None
         if self.method.needs_images():
             # While every patch is retained, param is the whole image (kept is 0..N-1 in order).
@@ -375,8 +420,9 @@ class SparseInverter:
                     if snapshots:
                         shots.append(self._snapshot(iteration, state))
                     self.stop(state, ratio, attention.pop("scores"))
-                attention["active"] = (iteration + 1) in stages
-                loss, logits, parts = self.step(state, iteration)
+                scoring = (iteration + 1) in stages
+                attention["active"] = scoring
+                loss, logits, parts = self.step(state, iteration, scoring=scoring)
                 if bar is not None:
                     bar.update(1)
                 if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
