@@ -34,6 +34,9 @@ class InversionConfig:
         tv_l1_weight: weight of the l1 total variation (mean absolute differences).
         l2_weight: weight of the per-image l2 norm of the (normalized) image.
         patch_similarity_weight: weight of PSAQ-ViT's patch-similarity entropy (``base_method="psaq"``).
+        competition_weight: DeepInversion's adaptive competition: weight of ``1 - JS(student, teacher)``
+            (T = 3), which pushes images to where a student (``SparseInverter(competitor=...)``)
+            still disagrees with the teacher; 0 disables it.
         augment: ``"patch"``: roll ("jitter") and flip in whole patches, exact and free (see
             ``smi_plugin.inverter``); ``"pixel"``: random resized crops and flips of the whole image
             (Plug-in Inversion style), forwarding the cells that best cover retained patches.
@@ -60,6 +63,7 @@ class InversionConfig:
     tv_l1_weight: float = 0.0
     l2_weight: float = 0.0
     patch_similarity_weight: float = 1.0
+    competition_weight: float = 0.0
     augment: str = "patch"
     jitter: float = 0.125
     flip: bool = True
@@ -99,7 +103,8 @@ class InversionConfig:
         if self.base_method not in BASE_METHODS:
             raise ValueError(f"InversionConfig.base_method {self.base_method!r} is unknown; "
                              f"use one of {sorted(BASE_METHODS)}")
-        for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "patch_similarity_weight"):
+        for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "patch_similarity_weight",
+                     "competition_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.augment not in AUGMENTATIONS:

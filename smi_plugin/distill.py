@@ -266,6 +266,8 @@ class KDTrainer:
         cfg = self.config
         labels = balanced_labels(cfg.images_per_round, self.inverter.num_classes)
         labels = labels[round_index % len(labels):] + labels[:round_index % len(labels)]
+        # The inverter competes against the current student when its config asks for it (ADI).
+        self.inverter.competitor = self.accelerator.unwrap_model(self.student)
         batch = self.inverter.invert(labels, seed=derive_seed(cfg.seed, round_index))
         self.pool.add(batch.normalized(), batch.patch_mask, batch.labels)
         self._pool_tensors = self.pool.tensors()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import InversionConfig
-from .losses import BASE_METHODS, ImagePriors
+from .losses import BASE_METHODS, ImagePriors, jensen_shannon
 from .priors import RetainedPixelPriors
 from .schedule import StoppingSchedule
 from .tokens import (PatchGrid, check_vit, forward_patches, images_to_patches, indices_to_mask,
@@ -163,6 +163,8 @@ class SparseInverter:
         config: the run's ``InversionConfig`` (defaults to the paper's settings).
         callback: called with a stats dict every ``config.log_every`` iterations.
         progress: show a progress bar.
+        competitor: a student ViT (same patch grid) for ``config.competition_weight``; it sees the
+            same retained tokens and is frozen while inverting.
 
     Example:
         >>> inverter = SparseInverter(teacher, InversionConfig(iterations=300,
@@ -172,9 +174,11 @@ class SparseInverter:
     """
 
     def __init__(self, model: nn.Module, config: InversionConfig | None = None, *,
-                 callback: Callback | None = None, progress: bool = True) -> None:
+                 callback: Callback | None = None, progress: bool = True,
+                 competitor: nn.Module | None = None) -> None:
         check_vit(model)
         self.model = model
+        self.competitor = competitor
         self.config = config or InversionConfig()
         self.grid: PatchGrid = patch_grid(model, self.config.image_size)
         if self.config.mean is not None:
@@ -187,6 +191,8 @@ class SparseInverter:
             raise ValueError(f"mean/std have {len(self.mean)}/{len(self.std)} entries but the model takes "
                              f"{self.grid.in_chans} channels")
         self.kept_counts = self.config.schedule.check_run(self.config.iterations, self.grid.num_patches)
+        if competitor is not None and patch_grid(competitor, self.grid.image_size) != self.grid:
+            raise ValueError("the competitor must be a ViT with the teacher's patch grid and prefix layout")
         self.method = BASE_METHODS[self.config.base_method](self.config)
         self.callback = callback
         self.progress = progress
@@ -395,6 +401,10 @@ class SparseInverter:
             priors = (ImagePriors(patches_to_images(param, self.grid, self.param_channels))
                       if state.priors is None else state.priors.bind(param))
         loss, parts = self.method.loss(logits, state.labels, priors)
+        if self.config.competition_weight > 0 and self.competitor is not None:
+            divergence = jensen_shannon(forward_patches(self.competitor, self.grid, patches, positions), logits)
+            loss = loss + self.config.competition_weight * (1 - divergence.clamp(0, 1))
+            parts["competition_js"] = divergence.item()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -412,7 +422,7 @@ class SparseInverter:
         history: list[dict[str, float]] = []
         shots: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         parts: dict[str, float] = {}
-        with frozen(self.model), self.method.hooks(self.model), \
+        with frozen(self.model), frozen(self.competitor or nn.Identity()), self.method.hooks(self.model), \
                 record_cls_attention(self.model, enabled=bool(stages)) as attention:
             for iteration in range(cfg.iterations):
                 ratio = stages.get(iteration)

@@ -112,6 +112,14 @@ class DeepInversion:
         return cfg.tv_l2_weight > 0 or cfg.tv_l1_weight > 0 or cfg.l2_weight > 0
 
 
+def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
+    """Batch-averaged Jensen-Shannon divergence between softened student and teacher predictions."""
+    p = F.softmax(student_logits / temperature, dim=1)
+    q = F.softmax(teacher_logits / temperature, dim=1)
+    m = (0.5 * (p + q)).clamp_min(1e-12).log()
+    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+
+
 def patch_similarity_entropy(features: torch.Tensor, num_heads: int, num_prefix_tokens: int,
                              bandwidth: float = 0.01, points: int = 10) -> torch.Tensor:
     """PSAQ-ViT's differential entropy of patch-feature cosine similarities, batch-averaged.
