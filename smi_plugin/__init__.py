@@ -7,7 +7,11 @@ Example:
     >>> batch = SparseInverter(teacher, config).invert(range(10))
 """
 
+from .calibration import SparseInvertedCalibrationDataset
 from .config import InversionConfig
+from .distill import DistillConfig, KDTrainer, distillation_stream, kd_loss
+from .distributed import invert_to_directory
+from .export import load_inverted, to_hf_dataset
 from .inverter import InvertedBatch, SparseInverter, derive_seed
 from .losses import BASE_METHODS, register_base_method
 from .schedule import StoppingSchedule
@@ -18,7 +22,8 @@ from .zoo import load_teacher
 __version__ = "0.1.0"
 
 __all__ = [
-    "BASE_METHODS", "InversionConfig", "InvertedBatch", "SparseInverter", "StoppingSchedule",
-    "UnsupportedModelError", "check_vit", "derive_seed", "forward_kept_tokens", "load_teacher",
-    "register_base_method", "save_grid", "save_stage_strip",
+    "BASE_METHODS", "DistillConfig", "InversionConfig", "InvertedBatch", "KDTrainer", "SparseInverter",
+    "SparseInvertedCalibrationDataset", "StoppingSchedule", "UnsupportedModelError", "check_vit", "derive_seed",
+    "distillation_stream", "forward_kept_tokens", "invert_to_directory", "kd_loss", "load_inverted", "load_teacher",
+    "register_base_method", "save_grid", "save_stage_strip", "to_hf_dataset",
 ]

@@ -197,7 +197,8 @@ def _flop_counter():
     return FlopCounterMode(display=False, custom_mapping=custom)
 
 
-def _count_flops(step) -> int:
+def count_step_flops(step) -> int:
+    """FLOPs of ``step(0)`` (forward, backward and optimizer), CPU flash attention included."""
     counter = _flop_counter()
     with counter:
         step(0)
@@ -329,14 +330,14 @@ def benchmark_one(model_name: str, batch_size: int, cfg: BenchConfig) -> dict[st
                       reference_final_stage_speedup=ref["reference_dense"] / ref["reference_final"])
     if cfg.flops:
         with frozen(model):
-            dense_flops = _count_flops(lambda i: inverter.step(states[0], i))
-            final_flops = _count_flops(lambda i: inverter.step(states[-1], i))
+            dense_flops = count_step_flops(lambda i: inverter.step(states[0], i))
+            final_flops = count_step_flops(lambda i: inverter.step(states[-1], i))
         record.update(dense_flops=dense_flops, final_stage_flops=final_flops,
                       final_stage_flop_ratio=dense_flops / final_flops,
                       final_stage_speedup_over_flop_ratio=record["final_stage_speedup"] / (dense_flops / final_flops))
         if runners:
             with runners["reference_dense"].patched():
-                record["reference_dense_flops"] = _count_flops(runners["reference_dense"].step)
+                record["reference_dense_flops"] = count_step_flops(runners["reference_dense"].step)
     del states, runners, model, inverter
     gc.collect()
     if cfg.memory:

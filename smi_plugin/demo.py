@@ -71,7 +71,7 @@ def _timed_inversion(teacher, iterations: int, sparse: bool, labels: list[int], 
 def run(config: DemoConfig, out: Path) -> dict[str, Any]:
     from integrations.torchao_report import compare_calibrations
 
-    from .bench import _count_flops
+    from .bench import count_step_flops
     from .export import FORMAT, to_hf_dataset
     from .inverter import frozen
 
@@ -94,7 +94,7 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
         states = [inverter.start(torch.tensor(labels[:8]), 0) for _ in range(2)]
         for ratio in [r for _, r in inverter.config.schedule.stages]:
             inverter.stop(states[1], ratio, torch.rand(states[1].kept.shape))
-        flops = [_count_flops(lambda i, s=s: inverter.step(s, i)) for s in states]
+        flops = [count_step_flops(lambda i, s=s: inverter.step(s, i)) for s in states]
     with torch.no_grad():
         hits = {name: (teacher(b.normalized()).argmax(1) == b.labels).float().mean().item()
                 for name, b in (("dense", dense), ("sparse", sparse))}

@@ -43,6 +43,8 @@ class TeacherRecipe:
         seed: seed of weights init, shuffling and augmentation.
         classes: train on these classes only (None: all); the head still has one output per class.
         init_from: start from this zoo teacher's weights (its head is kept: same classes).
+        restart_epochs, restart_lr: a second cosine phase (warm restart) at a lower learning rate
+            without rotation/scale augmentation, with its own generator (seed + 1).
     """
 
     dataset: str
@@ -63,6 +65,8 @@ class TeacherRecipe:
     seed: int = 0
     classes: tuple[int, ...] | None = None
     init_from: str | None = None
+    restart_epochs: int = 0
+    restart_lr: float = 5e-4
 
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
         return dict(img_size=32, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
@@ -70,7 +74,8 @@ class TeacherRecipe:
 
 
 RECIPES: dict[str, TeacherRecipe] = {
-    "fashion-mnist-vit": TeacherRecipe(dataset="fashion-mnist", epochs=12, hflip=True, max_rotation_deg=5.0),
+    "fashion-mnist-vit": TeacherRecipe(dataset="fashion-mnist", epochs=12, hflip=True, max_rotation_deg=5.0,
+                                       restart_epochs=5),
     "digits-vit": TeacherRecipe(dataset="digits", epochs=60, batch_size=64, lr=1e-3),
     # The paper's knowledge-transfer setting, scaled down: a backbone pretrained on real images of
     # half the classes (as ImageNet pretraining), a teacher fine-tuned from it on all classes; a
@@ -172,44 +177,19 @@ def _augment(images: torch.Tensor, recipe: TeacherRecipe, generator: torch.Gener
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None = None,
-                  log_every: int = 100) -> dict[str, Any]:
-    """Train a zoo teacher from its recipe and write ``NAME.safetensors`` and ``NAME.json``.
-
-    Returns the card (which records the measured held-out top-1).
-    """
-    import timm
-    from safetensors.torch import save_file
+def _train_phase(model: nn.Module, train, recipe: TeacherRecipe, mean, std, epochs: int, lr: float,
+                 warmup_epochs: int, generator: torch.Generator, desc: str, log_every: int) -> None:
+    """AdamW with linear warm-up then cosine decay over ``epochs``."""
     from tqdm.auto import tqdm
 
-    from ..io import atomic_write_text, atomic_path
-
-    if name not in RECIPES:
-        raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
-    recipe = RECIPES[name]
-    if epochs is not None:
-        recipe = TeacherRecipe(**{**asdict(recipe), "epochs": epochs})
-    torch.manual_seed(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
-    train, test = load_split(recipe.dataset, "train"), load_split(recipe.dataset, "test")
-    mean, std = train.channel_stats()
-    if recipe.init_from:
-        mean, std = (tuple(v) for v in (load_card(recipe.init_from)["mean"], load_card(recipe.init_from)["std"]))
-    if recipe.classes is not None:
-        train = train.subset(torch.isin(train.labels, torch.tensor(recipe.classes)))
-    model_kwargs = recipe.model_kwargs(train.num_classes)
-    model = timm.create_model(BASE_ARCHITECTURE, pretrained=False, **model_kwargs)
-    if recipe.init_from:
-        model.load_state_dict(load_teacher(recipe.init_from).state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
-    total, warmup = recipe.epochs * steps_per_epoch, recipe.warmup_epochs * steps_per_epoch
+    total, warmup = epochs * steps_per_epoch, max(1, warmup_epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / total))))
-    started = time.time()
-    bar = tqdm(total=total, desc=f"training {name}", unit="step")
-    for _ in range(recipe.epochs):
-        model.train()
+    bar = tqdm(total=total, desc=desc, unit="step")
+    model.train()
+    for _ in range(epochs):
         order = torch.randperm(len(train), generator=generator)
         for start in range(0, len(train), recipe.batch_size):
             index = order[start:start + recipe.batch_size]
@@ -225,6 +205,47 @@ def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None =
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
+
+
+def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None = None, log_every: int = 100,
+                  phase1_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """Train a zoo teacher from its recipe and write ``NAME.safetensors`` and ``NAME.json``.
+
+    ``phase1_checkpoint`` skips the first phase by loading its result (written by this recipe);
+    the warm-restart phase uses its own generator, so the outcome matches a full run.
+    Returns the card (which records the measured held-out top-1).
+    """
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    from ..io import atomic_write_text, atomic_path
+
+    if name not in RECIPES:
+        raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
+    recipe = RECIPES[name]
+    if epochs is not None:
+        recipe = TeacherRecipe(**{**asdict(recipe), "epochs": epochs})
+    torch.manual_seed(recipe.seed)
+    started = time.time()
+    train, test = load_split(recipe.dataset, "train"), load_split(recipe.dataset, "test")
+    mean, std = train.channel_stats()
+    if recipe.init_from:
+        mean, std = (tuple(v) for v in (load_card(recipe.init_from)["mean"], load_card(recipe.init_from)["std"]))
+    if recipe.classes is not None:
+        train = train.subset(torch.isin(train.labels, torch.tensor(recipe.classes)))
+    model_kwargs = recipe.model_kwargs(train.num_classes)
+    model = timm.create_model(BASE_ARCHITECTURE, pretrained=False, **model_kwargs)
+    if recipe.init_from:
+        model.load_state_dict(load_teacher(recipe.init_from).state_dict())
+    if phase1_checkpoint is not None:
+        model.load_state_dict(load_file(str(phase1_checkpoint)))
+    else:
+        _train_phase(model, train, recipe, mean, std, recipe.epochs, recipe.lr, recipe.warmup_epochs,
+                     torch.Generator().manual_seed(recipe.seed), f"training {name}", log_every)
+    if recipe.restart_epochs:
+        gentle = TeacherRecipe(**{**asdict(recipe), "max_rotation_deg": 0.0, "scale_range": (1.0, 1.0)})
+        _train_phase(model, train, gentle, mean, std, recipe.restart_epochs, recipe.restart_lr, 0,
+                     torch.Generator().manual_seed(recipe.seed + 1), f"training {name} (restart)", log_every)
     accuracy = evaluate_accuracy(model, test, mean, std)
     trained_classes = list(recipe.classes) if recipe.classes is not None else list(range(train.num_classes))
     accuracy_trained = evaluate_accuracy(model, test.subset(torch.isin(test.labels, torch.tensor(trained_classes))),
@@ -234,6 +255,7 @@ def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None =
                 mean=list(mean), std=list(std), recipe=asdict(recipe), heldout_top1=accuracy,
                 trained_classes=trained_classes, heldout_top1_trained_classes=accuracy_trained,
                 heldout_images=len(test), train_seconds=round(time.time() - started, 1),
+                phase1_from_checkpoint=phase1_checkpoint is not None,
                 parameters=sum(p.numel() for p in model.parameters()),
                 torch_version=torch.__version__, timm_version=timm.__version__)
     out = Path(out_dir)

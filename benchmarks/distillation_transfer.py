@@ -1,0 +1,131 @@
+"""Data-free knowledge transfer, dense vs sparse inversion at the same inversion compute.
+
+The paper's Table 5 analogue on the real held-out set of the teacher's dataset:
+1. invert ``--dense-images`` images densely (timed) and distil a student from them;
+2. invert sparsely for the same wall time (more images, since sparse is faster) and distil;
+3. distil from growing prefixes of the sparse pool to find how many sparse images reach the
+   dense run's best accuracy.
+
+No real training image is seen by the inverter or by KD; the student may start from a backbone
+pretrained on other real data (``--mode linear-probe``, the paper's setting) or train from scratch
+(``--mode full``). Prints a table and writes JSON.
+
+    python benchmarks/distillation_transfer.py --teacher fashion-mnist-vit-ft --mode linear-probe --json kd.json
+    python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --dense-images 512 --json kd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
+from smi_plugin.calibration import balanced_labels
+from smi_plugin.data import load_split
+from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_student
+from smi_plugin.evaluation import evaluate_accuracy, model_normalization
+from smi_plugin.inverter import InvertedBatch
+from smi_plugin.zoo import RECIPES, load_card
+
+
+def invert_for(teacher, config: InversionConfig, seconds: float | None, images: int | None, chunk: int, seed: int):
+    """Invert in chunks until ``images`` are done or ``seconds`` have passed; returns (batches, seconds)."""
+    batches, started, index = [], time.perf_counter(), 0
+    classes = int(teacher.num_classes)
+    while True:
+        done = sum(len(b) for b in batches)
+        if (images is not None and done >= images) or (seconds is not None and time.perf_counter() - started >= seconds):
+            break
+        labels = balanced_labels(chunk, classes)
+        labels = labels[index % classes:] + labels[:index % classes]
+        batches.append(SparseInverter(teacher, config.replace(seed=seed + index), progress=False).invert(labels))
+        index += 1
+    return batches, time.perf_counter() - started
+
+
+def make_student(args, teacher):
+    import timm
+
+    classes = int(teacher.num_classes)
+    if args.mode == "linear-probe":
+        backbone = args.backbone or RECIPES[args.teacher].init_from
+        return linear_probe_student(load_teacher(backbone), classes)
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2,
+                             num_classes=classes)
+
+
+def distil(args, teacher, batches: list[InvertedBatch], test, mean, std) -> dict:
+    if args.mode == "linear-probe":
+        kd = DistillConfig(mode="linear-probe", steps=args.steps, eval_every=args.eval_every)
+    else:
+        kd = DistillConfig(mode="full", optimizer="adamw", lr=1e-3, weight_decay=0.05, steps=args.steps,
+                           batch_size=64, lr_schedule="cosine", eval_every=args.eval_every)
+    history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
+    return {"images": sum(len(b) for b in batches), "final_top1": history["eval"][-1][1],
+            "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="fashion-mnist-vit-ft")
+    parser.add_argument("--backbone", default=None, help="linear-probe student backbone (default: the teacher's init_from)")
+    parser.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"])
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--dense-images", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--pool-sizes", default="64,128,256")
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--tv-l2-weight", type=float, default=1e-4)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    teacher = load_teacher(args.teacher)
+    mean, std = model_normalization(teacher)
+    test = load_split(load_card(args.teacher)["dataset"], "test")
+    teacher_top1 = evaluate_accuracy(teacher, test, mean, std)
+    base = InversionConfig(iterations=args.iterations, batch_size=args.chunk, tie_channels=True,
+                           tv_l2_weight=args.tv_l2_weight, log_every=args.iterations)
+    dense_config = base.replace(schedule=StoppingSchedule.dense())
+    sparse_config = base.replace(schedule=StoppingSchedule.paper_scaled(args.iterations))
+
+    dense_batches, dense_seconds = invert_for(teacher, dense_config, None, args.dense_images, args.chunk, seed=0)
+    sparse_batches, sparse_seconds = invert_for(teacher, sparse_config, dense_seconds, None, args.chunk, seed=10_000)
+    results = {"teacher": args.teacher, "mode": args.mode, "teacher_top1": teacher_top1,
+               "iterations": args.iterations, "dense_seconds": dense_seconds, "sparse_seconds": sparse_seconds,
+               "dense": distil(args, teacher, dense_batches, test, mean, std),
+               "sparse_same_compute": distil(args, teacher, sparse_batches, test, mean, std), "sparse_by_size": []}
+    target = results["dense"]["best_top1"]
+    pool = InvertedBatch.concatenate(sparse_batches)
+    for size in [int(s) for s in args.pool_sizes.split(",")]:
+        if size > len(pool):
+            continue
+        subset = InvertedBatch(pool.images[:size], pool.patch_mask[:size], pool.labels[:size],
+                               pool.kept_indices[:size], pool.mean, pool.std)
+        run = distil(args, teacher, [subset], test, mean, std)
+        results["sparse_by_size"].append(run)
+    reaching = [r["images"] for r in results["sparse_by_size"] + [results["sparse_same_compute"]]
+                if r["best_top1"] >= target]
+    results["sparse_images_to_reach_dense_best"] = min(reaching) if reaching else None
+
+    print(f"teacher {args.teacher} top-1 {100 * teacher_top1:.2f}% on {len(test)} real held-out images; "
+          f"mode {args.mode}; {args.iterations} inversion iterations")
+    print(f"{'pool':<28}{'images':>8}{'inversion s':>13}{'final top-1':>13}{'best top-1':>12}")
+    rows = [("dense", results["dense"], dense_seconds), ("sparse, same compute", results["sparse_same_compute"], sparse_seconds)]
+    rows += [(f"sparse, first {r['images']}", r, None) for r in results["sparse_by_size"]]
+    for name, r, seconds in rows:
+        print(f"{name:<28}{r['images']:>8}{'' if seconds is None else f'{seconds:.0f}':>13}"
+              f"{100 * r['final_top1']:>12.2f}%{100 * r['best_top1']:>11.2f}%")
+    print(f"sparse images needed to reach the dense run's best ({100 * target:.2f}%): "
+          f"{results['sparse_images_to_reach_dense_best']}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

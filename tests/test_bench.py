@@ -1,0 +1,36 @@
+import json
+import sys
+
+import pytest
+
+from smi_plugin.bench import BenchConfig, benchmark_one, format_table
+
+
+@pytest.mark.slow
+def test_benchmark_record_on_a_small_vit(tmp_path, monkeypatch):
+    # A tiny DeiT-shaped model keeps this fast; the record's fields are the contract of `smi bench`.
+    import timm
+
+    original = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: original(name, depth=2, embed_dim=48, num_heads=3, **kw))
+    cfg = BenchConfig(models=("deit_tiny_patch16_224",), batch_sizes=(2,), iterations=400, steps=1, rounds=1,
+                      memory=False)
+    record = benchmark_one("deit_tiny_patch16_224", 2, cfg)
+    assert record["kept_counts"] == [196, 137, 95, 66, 46]
+    assert record["stage_lengths"] == [50, 50, 100, 100, 100]
+    for key in ("whole_run_speedup", "final_stage_speedup", "final_stage_flop_ratio", "reference_dense_speedup"):
+        assert record[key] > 0
+    # Fewer tokens must mean fewer FLOPs: 47 of 197 tokens cut the linear layers' work ~4x.
+    assert 3.0 < record["final_stage_flop_ratio"] < 6.0
+    assert record["reference_dense_flops"] > record["dense_flops"]  # the reference also computes weight grads
+    assert "deit_tiny_patch16_224" in format_table([record])
+
+
+def test_memory_probe_runs_in_a_fresh_process():
+    import subprocess
+
+    spec = {"model": "deit_tiny_patch16_224", "batch_size": 1, "stage": 4, "implementation": "ours",
+            "config": {"iterations": 400}}
+    out = subprocess.run([sys.executable, "-m", "smi_plugin.bench", "--probe-memory", json.dumps(spec)],
+                         capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] > 0

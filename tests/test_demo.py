@@ -1,0 +1,26 @@
+"""The main job end to end (quick sizes): every stage runs and every picture is written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_end_to_end(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run([sys.executable, "-m", "smi_plugin.cli", "demo", "--quick", "--out", str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "smi-plugin demo" in result.stdout and "faster" in result.stdout
+    for picture in ("inverted_sparse.png", "inverted_dense.png", "stopping_stages.png", "inversion_loss.png",
+                    "distillation_curves.png"):
+        assert (tmp_path / picture).stat().st_size > 1000, picture
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["teacher_top1"] > 0.85
+    assert {r["source"] for r in results["quantization"]} == {"gaussian", "dense", "sparse", "real"}
+    import datasets
+
+    assert len(datasets.load_from_disk(str(tmp_path / "dataset"))) == 16
