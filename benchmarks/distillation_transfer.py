@@ -60,10 +60,10 @@ def make_student(args, teacher):
 
 def distil(args, teacher, batches: list[InvertedBatch], test, mean, std) -> dict:
     if args.mode == "linear-probe":
-        kd = DistillConfig(mode="linear-probe", steps=args.steps, eval_every=args.eval_every)
+        kd = DistillConfig(mode="linear-probe", steps=args.steps, eval_every=args.eval_every, mixup=args.mixup)
     else:
         kd = DistillConfig(mode="full", optimizer="adamw", lr=1e-3, weight_decay=0.05, steps=args.steps,
-                           batch_size=64, lr_schedule="cosine", eval_every=args.eval_every)
+                           batch_size=64, lr_schedule="cosine", eval_every=args.eval_every, mixup=args.mixup)
     history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
     return {"images": sum(len(b) for b in batches), "final_top1": history["eval"][-1][1],
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--pool-sizes", default="64,128,256")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--tv-l2-weight", type=float, default=1e-4)
+    parser.add_argument("--mixup", action="store_true", help="KD on teacher-labelled mixes of inverted images")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

@@ -263,7 +263,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     student = distill_student(args, teacher)
     try:
         kd = DistillConfig(mode=args.mode, steps=args.steps, batch_size=args.kd_batch_size, lr=args.kd_lr,
-                           optimizer=args.optimizer, temperature=args.temperature, source=args.source,
+                           optimizer=args.optimizer, temperature=args.temperature, mixup=args.mixup, source=args.source,
                            images_per_round=args.images_per_round, kd_steps_per_round=args.kd_steps_per_round,
                            eval_every=args.eval_every, seed=config.seed)
     except ValueError as err:
@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--kd-lr", type=float, default=0.1, help="KD learning rate (paper: SGD 0.1)")
     group.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="KD optimizer")
     group.add_argument("--temperature", type=float, default=20.0, help="KD temperature (paper: 20)")
+    group.add_argument("--mixup", action="store_true",
+                       help="KD on random mixes of two inverted images, each labelled by the teacher on the fly")
     group.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
                        help="real data to evaluate on (default: the zoo teacher's)")

@@ -134,6 +134,9 @@ class DistillConfig:
             images, take ``kd_steps_per_round`` steps on the growing pool, repeat).
         images_per_round, kd_steps_per_round: the alternating schedule.
         flip: random horizontal flips of the inverted images (and masks) during KD.
+        mixup: replace each KD input with a random convex mix of two inverted images (weight
+            ~ U(0, 1); the union of their masks is kept). The teacher labels every mix on the fly
+            ("function matching"), so a small pool yields many distinct input/target pairs.
         eval_every: steps between evaluations on the real held-out set; checkpoint_every likewise.
         seed: seed of batch sampling and flips (resume continues the same sequence).
     """
@@ -151,6 +154,7 @@ class DistillConfig:
     images_per_round: int = 32
     kd_steps_per_round: int = 4
     flip: bool = True
+    mixup: bool = False
     eval_every: int = 50
     checkpoint_every: int = 100
     seed: int = 0
@@ -257,6 +261,11 @@ class KDTrainer:
             flip = torch.rand(len(index), generator=generator) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
             m = torch.where(flip.view(-1, 1, 1), m.flip(-1), m)
+        if self.config.mixup:
+            partner = torch.randperm(len(index), generator=generator)
+            weight = torch.rand(len(index), 1, 1, 1, generator=generator)
+            x = weight * x + (1 - weight) * x[partner]
+            m = m | m[partner]
         device = self.accelerator.device
         return x.to(device), m.to(device)
 

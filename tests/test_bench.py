@@ -20,8 +20,13 @@ def test_benchmark_record_on_a_small_vit(tmp_path, monkeypatch):
     assert record["stage_lengths"] == [50, 50, 100, 100, 100]
     for key in ("whole_run_speedup", "final_stage_speedup", "final_stage_flop_ratio", "reference_dense_speedup"):
         assert record[key] > 0
-    # Fewer tokens must mean fewer FLOPs: 47 of 197 tokens cut the linear layers' work ~4x.
-    assert 3.0 < record["final_stage_flop_ratio"] < 6.0
+    # Hand count for one block's forward on N tokens of width d: 24*N*d^2 in the linear layers (qkv, proj,
+    # a 4x MLP) plus 4*N^2*d in the two attention matmuls. Backward scales both alike, and the patch
+    # embedding, head and priors are small, so the dense/sparse ratio follows from N = 197 vs 47.
+    def block_flops(n, d=48):
+        return 24 * n * d * d + 4 * n * n * d
+
+    assert record["final_stage_flop_ratio"] == pytest.approx(block_flops(197) / block_flops(47), rel=0.1)
     assert record["reference_dense_flops"] > record["dense_flops"]  # the reference also computes weight grads
     assert "deit_tiny_patch16_224" in format_table([record])
 

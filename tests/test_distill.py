@@ -115,3 +115,20 @@ def test_bad_distill_config_and_setup():
         DistillConfig(mode="half")
     with pytest.raises(ValueError, match="steps"):
         DistillConfig(steps=0)
+
+
+def test_mixup_mixes_two_pool_images_and_keeps_both_masks(tiny_vit):
+    pixels = torch.stack([torch.full((3, 32, 32), float(v)) for v in range(8)])
+    masks = torch.zeros(8, 8, 8, dtype=torch.bool)
+    for i in range(8):
+        masks[i, i, :] = True  # image i keeps row i only
+    config = DistillConfig(mixup=True, flip=False, batch_size=8)
+    trainer = KDTrainer(tiny_vit, tiny_vit, config, None, (0.5,) * 3, (0.5,) * 3, progress=False)
+    trainer._pool_tensors = (pixels, masks, torch.arange(8))
+    x, m = trainer._sample(torch.Generator().manual_seed(0))
+    values = x[:, 0, 0, 0]
+    assert torch.equal(x, values.view(-1, 1, 1, 1).expand_as(x))  # every pixel mixed with one weight
+    assert (values >= 0).all() and (values <= 7).all()
+    assert (values != values.round()).sum() >= 4  # most inputs are mixes, not pool images
+    kept_rows = m.any(dim=2).sum(dim=1)
+    assert set(kept_rows.tolist()) <= {1, 2} and (kept_rows == 2).sum() >= 4  # union of the two masks

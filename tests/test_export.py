@@ -50,3 +50,16 @@ def test_push_to_hub_offline_gives_a_clear_error(monkeypatch, exported):
     with pytest.raises(ConnectionError, match="could not push.*huggingface-cli login"):
         push_to_hub(exported[1], "someone/inverted", private=True)
     assert calls == [("someone/inverted", {"private": True, "token": None})]
+
+
+def test_saved_dataset_feeds_the_kd_stream_and_calibration(tmp_path, exported):
+    from smi_plugin import SparseInvertedCalibrationDataset
+    from smi_plugin.distill import stream_from_inverted
+
+    batch, dataset = exported
+    dataset.save_to_disk(str(tmp_path / "ds"))
+    rows = list(stream_from_inverted(tmp_path / "ds", num_shards=1).with_format("torch"))
+    assert [int(r["label"]) for r in rows] == [0, 3, 9]
+    assert torch.allclose(torch.stack([r["pixel_values"] for r in rows]), batch.normalized(), atol=1e-6)
+    calibration = SparseInvertedCalibrationDataset.from_hf(str(tmp_path / "ds"))
+    assert torch.equal(calibration.patch_mask, batch.patch_mask)

@@ -75,7 +75,7 @@ class TeacherRecipe:
 
 RECIPES: dict[str, TeacherRecipe] = {
     "fashion-mnist-vit": TeacherRecipe(dataset="fashion-mnist", epochs=12, hflip=True, max_rotation_deg=5.0,
-                                       restart_epochs=5),
+                                       restart_epochs=10),
     "digits-vit": TeacherRecipe(dataset="digits", epochs=60, batch_size=64, lr=1e-3),
     # The paper's knowledge-transfer setting, scaled down: a backbone pretrained on real images of
     # half the classes (as ImageNet pretraining), a teacher fine-tuned from it on all classes; a
