@@ -48,6 +48,8 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base-method", choices=["deepinversion", "psaq"], help="the dense method sped up")
     group.add_argument("--tv-l2-weight", type=float, help="weight of the l2 total variation (paper: 1e-4)")
     group.add_argument("--l2-weight", type=float, help="weight of the l2 image prior")
+    group.add_argument("--input-stats-weight", type=float,
+                       help="weight of matching the batch's pixel mean/variance to the teacher's normalization")
     group.add_argument("--jitter", type=float, help="max roll as a fraction of the side, in whole patches")
     group.add_argument("--tie-channels", action=argparse.BooleanOptionalAction, default=None,
                        help="optimise one gray channel (a prior for grayscale teachers)")

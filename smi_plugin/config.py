@@ -33,6 +33,10 @@ class InversionConfig:
         tv_l2_weight: weight of the l2 total variation (sum of the 4 directional difference norms).
         tv_l1_weight: weight of the l1 total variation (mean absolute differences).
         l2_weight: weight of the per-image l2 norm of the (normalized) image.
+        input_stats_weight: weight of the distance between the batch's per-channel pixel mean and
+            variance and the teacher's input normalization (0 and 1 once normalized): DeepInversion's
+            statistics prior on the only statistics a ViT keeps (with ``tie_channels``, the gray
+            channel is normalized with the average mean/std).
         patch_similarity_weight: weight of PSAQ-ViT's patch-similarity entropy (``base_method="psaq"``).
         competition_weight: DeepInversion's adaptive competition: weight of ``1 - JS(student, teacher)``
             (T = 3), which pushes images to where a student (``SparseInverter(competitor=...)``)
@@ -62,6 +66,7 @@ class InversionConfig:
     tv_l2_weight: float = 1e-4
     tv_l1_weight: float = 0.0
     l2_weight: float = 0.0
+    input_stats_weight: float = 0.0
     patch_similarity_weight: float = 1.0
     competition_weight: float = 0.0
     augment: str = "patch"
@@ -103,7 +108,8 @@ class InversionConfig:
         if self.base_method not in BASE_METHODS:
             raise ValueError(f"InversionConfig.base_method {self.base_method!r} is unknown; "
                              f"use one of {sorted(BASE_METHODS)}")
-        for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "patch_similarity_weight",
+        for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "input_stats_weight",
+                     "patch_similarity_weight",
                      "competition_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")

@@ -62,6 +62,23 @@ def image_l2(images: torch.Tensor) -> torch.Tensor:
     return images.flatten(1).norm(dim=1).mean()
 
 
+def moment_distance(pixel_sum: torch.Tensor, square_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """``||mean||_2 + ||var - 1||_2`` of per-channel pixel moments given as sums over ``count`` pixels.
+
+    In the teacher's normalized space the training data has mean 0 and variance 1 per channel; this is
+    DeepInversion's feature-statistics distance applied to the input normalization, the one set of
+    data statistics every timm model carries (``pretrained_cfg`` mean/std).
+    """
+    mean = pixel_sum / count
+    return mean.norm() + (square_sum / count - mean.pow(2) - 1).norm()
+
+
+def input_statistics(images: torch.Tensor) -> torch.Tensor:
+    """``moment_distance`` of a batch of normalized ``(B, C, H, W)`` images (population variance)."""
+    return moment_distance(images.sum(dim=(0, 2, 3)), images.pow(2).sum(dim=(0, 2, 3)),
+                           images[:, 0].numel())
+
+
 class ImagePriors:
     """The pixel priors of full images (``smi_plugin.priors`` computes the same from retained pixels)."""
 
@@ -77,10 +94,17 @@ class ImagePriors:
     def l2(self) -> torch.Tensor:
         return image_l2(self.images)
 
+    def input_stats(self) -> torch.Tensor:
+        return input_statistics(self.images)
+
 
 @register_base_method("deepinversion")
 class DeepInversion:
-    """DeepInversion for ViTs (no BatchNorm statistics exist): CE + TV_l2 + TV_l1 + l2 prior."""
+    """DeepInversion for ViTs: CE + TV_l2 + TV_l1 + l2 + input-statistics priors.
+
+    ViTs have no BatchNorm running statistics; the input normalization is the only data statistic
+    left, and ``input_stats_weight`` matches the batch's pixel moments to it.
+    """
 
     def __init__(self, config: "InversionConfig") -> None:
         self.config = config
@@ -100,7 +124,8 @@ class DeepInversion:
         ce = F.cross_entropy(logits, labels)
         total, parts = cfg.ce_weight * ce, {"ce": ce}
         if priors is not None:
-            for name, weight in (("tv_l2", cfg.tv_l2_weight), ("tv_l1", cfg.tv_l1_weight), ("l2", cfg.l2_weight)):
+            for name, weight in (("tv_l2", cfg.tv_l2_weight), ("tv_l1", cfg.tv_l1_weight), ("l2", cfg.l2_weight),
+                                 ("input_stats", cfg.input_stats_weight)):
                 if weight > 0:
                     parts[name] = getattr(priors, name)()
                     total = total + weight * parts[name]
@@ -109,7 +134,7 @@ class DeepInversion:
     def needs_images(self) -> bool:
         """Whether ``loss`` needs the full image (only the pixel-space priors do)."""
         cfg = self.config
-        return cfg.tv_l2_weight > 0 or cfg.tv_l1_weight > 0 or cfg.l2_weight > 0
+        return max(cfg.tv_l2_weight, cfg.tv_l1_weight, cfg.l2_weight, cfg.input_stats_weight) > 0
 
 
 def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:

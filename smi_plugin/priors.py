@@ -1,4 +1,4 @@
-"""Pixel priors (total variation, l2) of the whole image at the cost of the retained pixels only.
+"""Pixel priors (total variation, l2, input statistics) of the whole image at the cost of the retained pixels only.
 
 The priors are sums over pixels and neighbouring pixel pairs of the *whole* image. Between two
 stopping stages, every pair of two frozen pixels contributes a constant, so at each stage we
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import pixel_differences
+from .losses import moment_distance, pixel_differences
 from .tokens import PatchGrid
 
 # Neighbour offsets (dy, dx) of DeepInversion's four TV directions: right, down, down-left, down-right.
@@ -58,7 +58,8 @@ def _compact(mask: torch.Tensor, values: torch.Tensor, fill: int) -> torch.Tenso
 
 @dataclass
 class RetainedPixelPriors:
-    """Whole-image TV and l2 of the current images, from the retained pixels and fixed constants.
+    """Whole-image TV, l2 and input statistics of the current images, from the retained pixels and fixed
+    constants.
 
     Built by ``plan`` at each stage; ``bind(param)`` gives the priors of one iteration.
     """
@@ -69,7 +70,9 @@ class RetainedPixelPriors:
     fixed_abs: torch.Tensor       # (4, B) sum of absolute differences over frozen-frozen pairs
     pair_counts: list[int]        # per direction, pairs in the whole image (for TV_l1's means)
     frozen_square: torch.Tensor   # (B,) sum of squared frozen pixels
+    frozen_channel_sums: torch.Tensor  # (2, C) sums of frozen pixels and of their squares, whole batch
     patch_shape: tuple[int, int, int]  # (C, ph, pw) of one patch
+    pixels_per_channel: int       # B * H * W
 
     @classmethod
     def plan(cls, canvas: torch.Tensor, kept: torch.Tensor, grid: PatchGrid, channels: int) -> "RetainedPixelPriors":
@@ -110,10 +113,13 @@ class RetainedPixelPriors:
         pairs = [(_compact(active, position[:, a], zero_slot), _compact(active, position[:, c], zero_slot))
                  for (a, c), active in zip(crossing_pairs, crossing_active)]
         border = torch.cat([border, border.new_zeros(b, 1)], 1)
-        frozen_square = values.pow(2).masked_fill(pixel_retained, 0).sum(1)
+        frozen = values.masked_fill(pixel_retained, 0).view(b, n, channels, -1)
+        frozen_square = frozen.pow(2).sum(dim=(1, 2, 3))
+        channel_sums = torch.stack([frozen.sum(dim=(0, 1, 3)), frozen.pow(2).sum(dim=(0, 1, 3))])
         return cls(border=border, pairs=pairs, fixed_square=torch.stack(fixed_square),
                    fixed_abs=torch.stack(fixed_abs), pair_counts=[a.numel() for a, _, _ in pairs_flat],
-                   frozen_square=frozen_square, patch_shape=(channels, *grid.patch_size))
+                   frozen_square=frozen_square, frozen_channel_sums=channel_sums,
+                   patch_shape=(channels, *grid.patch_size), pixels_per_channel=b * n * d // channels)
 
     def bind(self, param: torch.Tensor) -> "BoundPriors":
         """The priors of the images whose retained patches hold ``param`` ``(B, K, D)``."""
@@ -149,3 +155,10 @@ class BoundPriors:
 
     def l2(self) -> torch.Tensor:
         return (self.param.pow(2).flatten(1).sum(1) + self.plan.frozen_square).clamp_min(1e-20).sqrt().mean()
+
+    def input_stats(self) -> torch.Tensor:
+        b, k, _ = self.param.shape
+        channels = self.param.view(b, k, self.plan.patch_shape[0], -1)
+        frozen_sum, frozen_square = self.plan.frozen_channel_sums
+        return moment_distance(channels.sum(dim=(0, 1, 3)) + frozen_sum,
+                               channels.pow(2).sum(dim=(0, 1, 3)) + frozen_square, self.plan.pixels_per_channel)

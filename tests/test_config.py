@@ -21,7 +21,8 @@ def test_round_trips_through_json():
 
 @pytest.mark.parametrize("field, value", [
     ("iterations", 0), ("batch_size", -1), ("lr", 0.0), ("betas", (0.5, 1.0)), ("lr_schedule", "step"),
-    ("base_method", "nope"), ("tv_l2_weight", -1.0), ("jitter", 1.5), ("std", (0.0, 1.0, 1.0)),
+    ("base_method", "nope"), ("tv_l2_weight", -1.0), ("input_stats_weight", -0.5), ("jitter", 1.5),
+    ("std", (0.0, 1.0, 1.0)),
 ])
 def test_invalid_fields_are_named(field, value):
     kwargs = {field: value}

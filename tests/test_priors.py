@@ -21,7 +21,7 @@ def test_retained_pixel_priors_equal_whole_image_priors(channels, grid_size, pat
     full = canvas.scatter(1, kept.unsqueeze(-1).expand(-1, -1, d), param_dense)
     dense = ImagePriors(patches_to_images(full, grid, channels))
 
-    for term in ("tv_l2", "tv_l1", "l2"):
+    for term in ("tv_l2", "tv_l1", "l2", "input_stats"):
         value_sparse, value_dense = getattr(sparse, term)(), getattr(dense, term)()
         assert torch.allclose(value_sparse, value_dense, rtol=1e-10, atol=1e-10), term
         grad_sparse, = torch.autograd.grad(value_sparse, param_sparse, retain_graph=True)
