@@ -59,3 +59,46 @@ def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     noise = (reference - approximation).pow(2).sum()
     signal = reference.pow(2).sum()
     return (10 * torch.log10(signal / noise.clamp_min(1e-20))).item()
+
+
+@torch.no_grad()
+def attention_foreground_auc(model: nn.Module, split: ImageSplit, mean: Sequence[float], std: Sequence[float],
+                             background_level: float = 0.02, max_images: int = 1000) -> list[float]:
+    """Per block, how well the head-averaged CLS attention picks foreground patches of real images.
+
+    For each image, the probability that a random foreground patch gets more CLS attention than a
+    random background patch (the AUC; 0.5 is chance), averaged over images holding both. Background
+    patches are those whose mean pixel is at most ``background_level``, which fits datasets with an
+    empty dark background (Fashion-MNIST, digits). SMI stops the least-attended patches by the last
+    block's scores, so its last entry says whether the teacher's attention can find the foreground.
+    """
+    from .tokens import cls_attention_scores, patch_grid
+
+    grid = patch_grid(model)
+    images = split.images(slice(0, max_images))
+    (ph, pw) = grid.patch_size
+    level = images.mean(1).unfold(1, ph, ph).unfold(2, pw, pw).mean((-1, -2)).flatten(1)
+    foreground = level > background_level
+    scores: list[torch.Tensor] = []
+    hooks = [block.attn.register_forward_pre_hook(
+        lambda attn, args: scores.append(cls_attention_scores(attn, args[0], model.num_prefix_tokens)))
+        for block in model.blocks]
+    try:
+        was_training = model.training
+        model.eval()
+        model(normalize(images, mean, std))
+        model.train(was_training)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    both = foreground.any(1) & (~foreground).any(1)
+    if not bool(both.any()):
+        raise ValueError(f"no image has both foreground and background patches at background_level="
+                         f"{background_level}; this diagnostic needs images on an empty background")
+    aucs = []
+    for block_scores in scores:
+        above = block_scores.unsqueeze(2) > block_scores.unsqueeze(1)  # (B, i, j): score_i > score_j
+        pairs = foreground.unsqueeze(2) & ~foreground.unsqueeze(1)
+        per_image = (above & pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1)
+        aucs.append(per_image[both].float().mean().item())
+    return aucs
