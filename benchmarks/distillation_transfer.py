@@ -12,6 +12,9 @@ pretrained on other real data (``--mode linear-probe``, the paper's setting) or 
 
     python benchmarks/distillation_transfer.py --teacher fashion-mnist-vit-ft --mode linear-probe --json kd.json
     python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --dense-images 512 --json kd.json
+
+Inversion flags are the CLI's (``smi invert --help``); ``--schedule`` sets the sparse run's stages
+(default: the paper's, scaled to ``--iterations``).
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import torch
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
 from smi_plugin.calibration import balanced_labels
+from smi_plugin.cli import add_inversion_arguments, inversion_config
 from smi_plugin.data import load_split
 from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_student
 from smi_plugin.evaluation import evaluate_accuracy, model_normalization
 from smi_plugin.inverter import InvertedBatch
+from smi_plugin.io import atomic_write_text
 from smi_plugin.zoo import RECIPES, load_card
 
 
@@ -74,30 +79,28 @@ def main() -> None:
     parser.add_argument("--teacher", default="fashion-mnist-vit-ft")
     parser.add_argument("--backbone", default=None, help="linear-probe student backbone (default: the teacher's init_from)")
     parser.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"])
-    parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--dense-images", type=int, default=256)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--pool-sizes", default="64,128,256")
-    parser.add_argument("--chunk", type=int, default=64)
-    parser.add_argument("--tv-l2-weight", type=float, default=1e-4)
     parser.add_argument("--mixup", action="store_true", help="KD on teacher-labelled mixes of inverted images")
     parser.add_argument("--json", default=None)
+    add_inversion_arguments(parser)
     args = parser.parse_args()
 
     teacher = load_teacher(args.teacher)
     mean, std = model_normalization(teacher)
     test = load_split(load_card(args.teacher)["dataset"], "test")
     teacher_top1 = evaluate_accuracy(teacher, test, mean, std)
-    base = InversionConfig(iterations=args.iterations, batch_size=args.chunk, tie_channels=True,
-                           tv_l2_weight=args.tv_l2_weight, log_every=args.iterations)
-    dense_config = base.replace(schedule=StoppingSchedule.dense())
-    sparse_config = base.replace(schedule=StoppingSchedule.paper_scaled(args.iterations))
+    sparse_config = inversion_config(args, iterations=200, batch_size=64, tie_channels=True, schedule="paper-scaled")
+    sparse_config = sparse_config.replace(log_every=sparse_config.iterations)
+    dense_config = sparse_config.replace(schedule=StoppingSchedule.dense())
+    chunk = sparse_config.batch_size
 
-    dense_batches, dense_seconds = invert_for(teacher, dense_config, None, args.dense_images, args.chunk, seed=0)
-    sparse_batches, sparse_seconds = invert_for(teacher, sparse_config, dense_seconds, None, args.chunk, seed=10_000)
+    dense_batches, dense_seconds = invert_for(teacher, dense_config, None, args.dense_images, chunk, seed=0)
+    sparse_batches, sparse_seconds = invert_for(teacher, sparse_config, dense_seconds, None, chunk, seed=10_000)
     results = {"teacher": args.teacher, "mode": args.mode, "teacher_top1": teacher_top1,
-               "iterations": args.iterations, "dense_seconds": dense_seconds, "sparse_seconds": sparse_seconds,
+               "inversion": sparse_config.to_dict(), "dense_seconds": dense_seconds, "sparse_seconds": sparse_seconds,
                "dense": distil(args, teacher, dense_batches, test, mean, std),
                "sparse_same_compute": distil(args, teacher, sparse_batches, test, mean, std), "sparse_by_size": []}
     target = results["dense"]["best_top1"]
@@ -114,7 +117,7 @@ def main() -> None:
     results["sparse_images_to_reach_dense_best"] = min(reaching) if reaching else None
 
     print(f"teacher {args.teacher} top-1 {100 * teacher_top1:.2f}% on {len(test)} real held-out images; "
-          f"mode {args.mode}; {args.iterations} inversion iterations")
+          f"mode {args.mode}; {sparse_config.iterations} inversion iterations")
     print(f"{'pool':<28}{'images':>8}{'inversion s':>13}{'final top-1':>13}{'best top-1':>12}")
     rows = [("dense", results["dense"], dense_seconds), ("sparse, same compute", results["sparse_same_compute"], sparse_seconds)]
     rows += [(f"sparse, first {r['images']}", r, None) for r in results["sparse_by_size"]]
@@ -124,8 +127,7 @@ def main() -> None:
     print(f"sparse images needed to reach the dense run's best ({100 * target:.2f}%): "
           f"{results['sparse_images_to_reach_dense_best']}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
