@@ -55,10 +55,13 @@ class DemoConfig:
 
 
 def inversion_config(iterations: int, sparse: bool, seed: int = 0) -> InversionConfig:
-    """The demo's inversion: the paper's method (CE + TV, Adam) with its stages scaled to the run,
-    and one gray channel for these grayscale teachers."""
+    """The demo's inversion: the paper's method (CE + TV, Adam) with its stages scaled to the run, one
+    gray channel for these grayscale teachers, and the options that make a small teacher's inversions
+    look like its data (``benchmarks/inversion_realism.py``): random resized crops, a stronger TV,
+    lr 0.1 and the input-statistics prior."""
     schedule = StoppingSchedule.paper_scaled(iterations) if sparse else StoppingSchedule.dense()
     return InversionConfig(iterations=iterations, batch_size=64, schedule=schedule, seed=seed, tie_channels=True,
+                           augment="pixel", tv_l2_weight=3e-2, lr=0.1, input_stats_weight=1.0,
                            log_every=max(1, iterations // 20))
 
 
