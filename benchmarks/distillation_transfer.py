@@ -29,7 +29,7 @@ from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_t
 from smi_plugin.calibration import balanced_labels
 from smi_plugin.cli import add_inversion_arguments, inversion_config
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_student
+from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
 from smi_plugin.evaluation import evaluate_accuracy, model_normalization
 from smi_plugin.inverter import InvertedBatch
 from smi_plugin.io import atomic_write_text

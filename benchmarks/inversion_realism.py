@@ -24,8 +24,8 @@ from torch import nn
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
 from smi_plugin.calibration import balanced_labels
 from smi_plugin.data import ImageSplit, load_split
-from smi_plugin.visualize import save_grid
 from smi_plugin.io import atomic_write_text
+from smi_plugin.visualize import save_grid
 from smi_plugin.zoo import load_card
 
 # Cumulative steps: each adds its options to all the previous ones.

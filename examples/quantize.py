@@ -5,7 +5,6 @@
 
 import argparse
 
-import torch
 
 from integrations.torchao import quantize_with_inverted_data
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher

@@ -26,12 +26,11 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import InversionConfig
 from .inverter import InversionState, SparseInverter, frozen

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .calibration import SparseInvertedCalibrationDataset, balanced_labels
+from .calibration import balanced_labels
 from .config import InversionConfig
 from .data import load_split
 from .evaluation import evaluate_accuracy, model_normalization

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, UnsupportedModelError
+from smi_plugin import InversionConfig, SparseInverter, UnsupportedModelError
 from smi_plugin.tokens import images_to_patches, patch_grid
 
 from conftest import make_vit

@@ -3,7 +3,7 @@ import timm
 import torch
 
 from smi_plugin import UnsupportedModelError, forward_kept_tokens
-from smi_plugin.tokens import (cls_attention_scores, images_to_patches, indices_to_mask, mask_to_indices,
+from smi_plugin.tokens import (images_to_patches, indices_to_mask, mask_to_indices,
                                patch_grid, patches_to_images, record_cls_attention)
 
 from conftest import make_vit
