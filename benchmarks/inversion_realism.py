@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="fashion-mnist-vit")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=400)
-    parser.add_argument("--judge-epochs", type=int, default=None, help="default: 2 (Fashion-MNIST), 40 (digits)")
+    parser.add_argument("--judge-epochs", type=int, default=None, help="default: about 100k images' worth (2 on Fashion-MNIST, 69 on digits)")
     parser.add_argument("--out", default="outputs/realism")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -90,9 +90,7 @@ def main() -> None:
             started = time.perf_counter()
             batch = SparseInverter(teacher, config, progress=False).invert(labels)
             seconds = time.perf_counter() - started
-            cell = batch.images.shape[-1] // batch.patch_mask.shape[-1]
-            kept = batch.patch_mask.repeat_interleave(cell, 1).repeat_interleave(cell, 2).unsqueeze(1)
-            images = torch.where(kept, batch.images, torch.full_like(batch.images, background))
+            images = batch.masked_images(fill=background)
             with torch.no_grad():
                 hits = (teacher(batch.normalized()).argmax(1) == labels).float().mean().item()
             row[kind] = {"judge_top1": judge_accuracy(judge, images, labels), "teacher_hits": hits, "seconds": seconds}

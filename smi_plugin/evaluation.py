@@ -72,6 +72,7 @@ def attention_foreground_auc(model: nn.Module, split: ImageSplit, mean: Sequence
     empty dark background (Fashion-MNIST, digits). SMI stops the least-attended patches by the last
     block's scores, so its last entry says whether the teacher's attention can find the foreground.
     """
+    from .inverter import frozen
     from .tokens import cls_attention_scores, patch_grid
 
     grid = patch_grid(model)
@@ -84,10 +85,8 @@ def attention_foreground_auc(model: nn.Module, split: ImageSplit, mean: Sequence
         lambda attn, args: scores.append(cls_attention_scores(attn, args[0], model.num_prefix_tokens)))
         for block in model.blocks]
     try:
-        was_training = model.training
-        model.eval()
-        model(normalize(images, mean, std))
-        model.train(was_training)
+        with frozen(model):
+            model(normalize(images, mean, std))
     finally:
         for hook in hooks:
             hook.remove()
@@ -95,10 +94,10 @@ def attention_foreground_auc(model: nn.Module, split: ImageSplit, mean: Sequence
     if not bool(both.any()):
         raise ValueError(f"no image has both foreground and background patches at background_level="
                          f"{background_level}; this diagnostic needs images on an empty background")
+    pairs = foreground.unsqueeze(2) & ~foreground.unsqueeze(1)  # (B, i, j): i foreground, j background
     aucs = []
     for block_scores in scores:
         above = block_scores.unsqueeze(2) > block_scores.unsqueeze(1)  # (B, i, j): score_i > score_j
-        pairs = foreground.unsqueeze(2) & ~foreground.unsqueeze(1)
         per_image = (above & pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp_min(1)
         aucs.append(per_image[both].float().mean().item())
     return aucs

@@ -87,12 +87,12 @@ class InvertedBatch:
 
         return normalize(self.images, self.mean, self.std)
 
-    def masked_images(self) -> torch.Tensor:
-        """Images with stopped patches blacked out, for viewing only."""
+    def masked_images(self, fill: float = 0.0) -> torch.Tensor:
+        """Images with stopped patches set to ``fill`` (black by default): what was really inverted."""
         gh, gw = self.patch_mask.shape[1:]
         ph, pw = self.images.shape[2] // gh, self.images.shape[3] // gw
         keep = self.patch_mask.repeat_interleave(ph, 1).repeat_interleave(pw, 2).unsqueeze(1)
-        return self.images * keep
+        return torch.where(keep, self.images, torch.full_like(self.images, fill))
 
     @staticmethod
     def concatenate(batches: Sequence["InvertedBatch"]) -> "InvertedBatch":

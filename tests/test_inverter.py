@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, UnsupportedModelError
+from smi_plugin.inverter import InvertedBatch
 from smi_plugin.tokens import images_to_patches, patch_grid
 
 from conftest import make_vit
@@ -136,3 +137,16 @@ def test_bad_models_and_sizes_fail_early(tiny_vit):
         SparseInverter(tiny_vit, _config(image_size=(48, 48)))
     with pytest.raises(ValueError, match="keep 0"):
         SparseInverter(tiny_vit, _config(schedule="1:0.9,2:0.9,3:0.9"))
+
+
+def test_masked_images_fill_exactly_the_stopped_patches():
+    mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    mask[0, 0, 1] = mask[0, 1, 0] = True
+    images = torch.rand(1, 3, 8, 8)
+    batch = InvertedBatch(images=images, patch_mask=mask, labels=torch.tensor([0]),
+                          kept_indices=torch.tensor([[1, 2]]), mean=(0.5,) * 3, std=(0.25,) * 3)
+    for fill in (0.0, 0.3):
+        expected = torch.full_like(images, fill)
+        expected[..., :4, 4:] = images[..., :4, 4:]  # kept patch (0, 1)
+        expected[..., 4:, :4] = images[..., 4:, :4]  # kept patch (1, 0)
+        assert torch.equal(batch.masked_images(fill=fill), expected)
