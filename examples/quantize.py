@@ -5,7 +5,6 @@
 
 import argparse
 
-
 from integrations.torchao import quantize_with_inverted_data
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher
 from smi_plugin.calibration import SparseInvertedCalibrationDataset

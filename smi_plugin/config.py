@@ -109,8 +109,7 @@ class InversionConfig:
             raise ValueError(f"InversionConfig.base_method {self.base_method!r} is unknown; "
                              f"use one of {sorted(BASE_METHODS)}")
         for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "input_stats_weight",
-                     "patch_similarity_weight",
-                     "competition_weight"):
+                     "patch_similarity_weight", "competition_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.augment not in AUGMENTATIONS:
