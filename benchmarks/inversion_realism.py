@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from judge import background_level, judge_accuracy, train_judge
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
 from smi_plugin.calibration import balanced_labels
-from smi_plugin.data import ImageSplit, load_split
+from smi_plugin.data import load_split
 from smi_plugin.io import atomic_write_text
 from smi_plugin.visualize import save_grid
 from smi_plugin.zoo import load_card
@@ -38,29 +37,6 @@ ABLATION = (
 )
 
 
-def train_judge(train: ImageSplit, epochs: int, seed: int = 0) -> nn.Module:
-    """A two-layer CNN on grayscale real training images (its only data)."""
-    torch.manual_seed(seed)
-    judge = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.LazyLinear(train.num_classes))
-    pixels, labels = train.pixels.float() / 255, train.labels
-    judge(pixels[:1])
-    optimizer = torch.optim.Adam(judge.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(labels)).split(128):
-            loss = F.cross_entropy(judge(pixels[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return judge.eval()
-
-
-@torch.no_grad()
-def judge_accuracy(judge: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return (judge(images.mean(1, keepdim=True)).argmax(1) == labels).float().mean().item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="fashion-mnist-vit")
@@ -73,10 +49,9 @@ def main() -> None:
 
     card = load_card(args.teacher)
     train, test = load_split(card["dataset"], "train"), load_split(card["dataset"], "test")
-    epochs = args.judge_epochs or max(2, 100_000 // len(train))
-    judge = train_judge(train, epochs)
+    judge = train_judge(train, args.judge_epochs)
     judge_real = judge_accuracy(judge, test.images(), test.labels)
-    background = train.pixels.flatten(1).float().div(255).quantile(0.05, dim=1).median().item()
+    background = background_level(train)
     teacher = load_teacher(args.teacher)
     labels = torch.tensor(balanced_labels(args.images, int(teacher.num_classes)))
     out = Path(args.out)
