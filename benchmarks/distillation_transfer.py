@@ -65,10 +65,12 @@ def make_student(args, teacher):
 
 def distil(args, teacher, batches: list[InvertedBatch], test, mean, std) -> dict:
     if args.mode == "linear-probe":
-        kd = DistillConfig(mode="linear-probe", steps=args.steps, eval_every=args.eval_every, mixup=args.mixup)
+        kd = DistillConfig(mode="linear-probe", steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
+                           mixup=args.mixup)
     else:
         kd = DistillConfig(mode="full", optimizer="adamw", lr=1e-3, weight_decay=0.05, steps=args.steps,
-                           batch_size=64, lr_schedule="cosine", eval_every=args.eval_every, mixup=args.mixup)
+                           epochs=args.epochs, batch_size=64, lr_schedule="cosine", eval_every=args.eval_every,
+                           mixup=args.mixup)
     history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
     return {"images": sum(len(b) for b in batches), "final_top1": history["eval"][-1][1],
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"])
     parser.add_argument("--dense-images", type=int, default=256)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--epochs", type=float, default=None, help="KD passes over each pool instead of --steps")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--pool-sizes", default="64,128,256")
     parser.add_argument("--mixup", action="store_true", help="KD on teacher-labelled mixes of inverted images")

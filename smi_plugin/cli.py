@@ -263,8 +263,9 @@ def cmd_distill(args: argparse.Namespace) -> None:
     _, test = teacher_splits(args, teacher)
     student = distill_student(args, teacher)
     try:
-        kd = DistillConfig(mode=args.mode, steps=args.steps, batch_size=args.kd_batch_size, lr=args.kd_lr,
-                           optimizer=args.optimizer, temperature=args.temperature, mixup=args.mixup, source=args.source,
+        kd = DistillConfig(mode=args.mode, steps=args.steps, epochs=args.epochs, batch_size=args.kd_batch_size,
+                           lr=args.kd_lr, optimizer=args.optimizer, temperature=args.temperature, mixup=args.mixup,
+                           source=args.source,
                            images_per_round=args.images_per_round, kd_steps_per_round=args.kd_steps_per_round,
                            eval_every=args.eval_every, seed=config.seed)
     except ValueError as err:
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--images-per-round", type=int, default=32, help="alternating: images inverted per round")
     group.add_argument("--kd-steps-per-round", type=int, default=4, help="alternating: KD steps per round")
     group.add_argument("--steps", type=int, default=300, help="KD steps")
+    group.add_argument("--epochs", type=float, default=None,
+                       help="pool: train for this many passes over the pool instead of --steps (bigger pools get more steps)")
     group.add_argument("--kd-batch-size", type=int, default=32, help="KD batch (paper: 32)")
     group.add_argument("--kd-lr", type=float, default=0.1, help="KD learning rate (paper: SGD 0.1)")
     group.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="KD optimizer")

@@ -129,6 +129,9 @@ class DistillConfig:
         optimizer: ``sgd`` (paper: lr 0.1, momentum 0.9, weight decay 1e-4) or ``adamw``.
         lr, momentum, weight_decay: optimizer settings; lr_schedule: ``constant`` or ``cosine``.
         steps: KD optimisation steps; batch_size: KD batch (paper: 32).
+        epochs: for ``source="pool"``, train for this many passes over the pool instead
+            (``ceil(epochs * len(pool) / batch_size)`` steps), so a bigger pool gets proportionally
+            more steps; ``None`` uses ``steps``.
         source: ``pool`` (train on a fixed pool) or ``alternating`` (invert ``images_per_round``
             images, take ``kd_steps_per_round`` steps on the growing pool, repeat).
         images_per_round, kd_steps_per_round: the alternating schedule.
@@ -149,6 +152,7 @@ class DistillConfig:
     lr_schedule: str = "constant"
     steps: int = 500
     batch_size: int = 32
+    epochs: float | None = None
     source: str = "pool"
     images_per_round: int = 32
     kd_steps_per_round: int = 4
@@ -172,6 +176,18 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError("DistillConfig.temperature and .lr must be > 0")
+        if self.epochs is not None:
+            if self.epochs <= 0:
+                raise ValueError(f"DistillConfig.epochs must be > 0 (or None to use steps), got {self.epochs}")
+            if self.source != "pool":
+                raise ValueError("DistillConfig.epochs counts passes over a fixed pool; with source='alternating' "
+                                 "the pool grows as it trains: set steps instead")
+
+    def total_steps(self, pool_size: int) -> int:
+        """KD steps for a pool of ``pool_size`` images: ``steps``, or ``epochs`` passes over the pool."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * pool_size / self.batch_size))
 
 
 def linear_probe_student(backbone: nn.Module, num_classes: int) -> nn.Module:
@@ -247,7 +263,7 @@ class KDTrainer:
         else:
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
-        self.step = 0
+        self.step, self.total_steps = 0, config.steps
         self.pool = Pool()
         self.history: dict[str, list] = {"kd_loss": [], "eval": [], "pool_size": []}
 
@@ -285,7 +301,7 @@ class KDTrainer:
         cfg = self.config
         if cfg.lr_schedule == "constant":
             return cfg.lr
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * self.step / cfg.steps))
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * self.step / self.total_steps))
 
     def evaluate(self) -> float:
         """Top-1 of the student on the real held-out split (dense, full images)."""
@@ -297,7 +313,8 @@ class KDTrainer:
         return accuracy
 
     def fit(self, pool: Any = None) -> dict[str, list]:
-        """Train to ``config.steps`` (resuming from ``out_dir``'s checkpoint when there is one).
+        """Train for ``config.steps`` (or ``config.epochs`` passes over the pool), resuming from
+        ``out_dir``'s checkpoint when there is one.
 
         Args:
             pool: for ``source="pool"``, the inverted data: a ``Pool``, a list of
@@ -310,15 +327,16 @@ class KDTrainer:
                 raise ValueError("the KD pool is empty: invert some images first")
         self._pool_tensors = self.pool.tensors() if len(self.pool) else None
         self._load_checkpoint()
+        self.total_steps = total = cfg.total_steps(len(self.pool))
         bar = None
         if self.progress and self.accelerator.is_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"distilling ({cfg.mode}, {cfg.source})", unit="step")
+            bar = tqdm(total=total, initial=self.step, desc=f"distilling ({cfg.mode}, {cfg.source})", unit="step")
         self.student.train()
         if cfg.mode == "linear-probe":
             self.student.eval()  # frozen backbone: keep its dropout/norm statistics fixed
-        while self.step < cfg.steps:
+        while self.step < total:
             if cfg.source == "alternating" and self.step % cfg.kd_steps_per_round == 0:
                 round_index = self.step // cfg.kd_steps_per_round
                 if len(self.pool) < (round_index + 1) * cfg.images_per_round:
@@ -339,13 +357,13 @@ class KDTrainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(kd_loss=f"{loss.item():.3f}", pool=len(self.pool))
-            if self.eval_split is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+            if self.eval_split is not None and (self.step % cfg.eval_every == 0 or self.step == total):
                 accuracy = self.evaluate()
                 self.history["eval"].append((self.step, accuracy))
                 self.history["pool_size"].append((self.step, len(self.pool)))
                 if bar is not None:
                     bar.set_postfix(kd_loss=f"{loss.item():.3f}", heldout=f"{accuracy:.3f}", pool=len(self.pool))
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == total:
                 self._save_checkpoint()
         if bar is not None:
             bar.close()

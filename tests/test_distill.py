@@ -115,6 +115,20 @@ def test_bad_distill_config_and_setup():
         DistillConfig(mode="half")
     with pytest.raises(ValueError, match="steps"):
         DistillConfig(steps=0)
+    with pytest.raises(ValueError, match="epochs must be > 0"):
+        DistillConfig(epochs=0)
+    with pytest.raises(ValueError, match="set steps instead"):
+        DistillConfig(epochs=2, source="alternating")
+
+
+def test_epochs_scale_the_steps_with_the_pool(digits):
+    teacher, _, mean, std, pool = digits  # 40 images
+    config = DistillConfig(mode="linear-probe", steps=500, epochs=1.5, batch_size=16, eval_every=100)
+    history = KDTrainer(teacher, linear_probe_student(teacher, 10), config, None, mean, std,
+                        progress=False).fit([pool])
+    assert len(history["kd_loss"]) == 4  # ceil(1.5 * 40 / 16) steps, not 500
+    assert DistillConfig(epochs=1.5, batch_size=16).total_steps(20) == 2  # ceil(1.875): half the pool, half the steps
+    assert DistillConfig(steps=7).total_steps(20) == 7
 
 
 def test_mixup_mixes_two_pool_images_and_keeps_both_masks(tiny_vit):
