@@ -4,7 +4,9 @@ The paper's Table 5 analogue on the real held-out set of the teacher's dataset:
 1. invert ``--dense-images`` images densely (timed) and distil a student from them;
 2. invert sparsely for the same wall time (more images, since sparse is faster) and distil;
 3. distil from growing prefixes of the sparse pool to find how many sparse images reach the
-   dense run's best accuracy.
+   dense run's best accuracy;
+4. for reference only (not data-free), distil with the same trainer from as many real *training*
+   images, labelled by the teacher: how far the inversions are from the data they stand in for.
 
 No real training image is seen by the inverter or by KD; the student may start from a backbone
 pretrained on other real data (``--mode linear-probe``, the paper's setting) or train from scratch
@@ -29,8 +31,8 @@ from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_t
 from smi_plugin.calibration import balanced_labels
 from smi_plugin.cli import add_inversion_arguments, inversion_config
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
-from smi_plugin.evaluation import evaluate_accuracy, model_normalization
+from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_student
+from smi_plugin.evaluation import evaluate_accuracy, model_normalization, normalize
 from smi_plugin.inverter import InvertedBatch
 from smi_plugin.io import atomic_write_text
 from smi_plugin.zoo import RECIPES, load_card
@@ -63,7 +65,18 @@ def make_student(args, teacher):
                              num_classes=classes)
 
 
-def distil(args, teacher, batches: list[InvertedBatch], test, mean, std) -> dict:
+def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int = 0) -> Pool:
+    """``size`` random real training images, every patch kept (labels unused: KD asks the teacher)."""
+    train = load_split(dataset, "train")
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]
+    images = train.images(index)
+    grid = tuple(teacher.patch_embed.grid_size)
+    pool = Pool()
+    pool.add(normalize(images, mean, std), torch.ones(len(index), *grid, dtype=torch.bool), train.labels[index])
+    return pool
+
+
+def distil(args, teacher, batches, test, mean, std) -> dict:
     if args.mode == "linear-probe":
         kd = DistillConfig(mode="linear-probe", steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
                            mixup=args.mixup)
@@ -72,7 +85,7 @@ def distil(args, teacher, batches: list[InvertedBatch], test, mean, std) -> dict
                            epochs=args.epochs, batch_size=64, lr_schedule="cosine", eval_every=args.eval_every,
                            mixup=args.mixup)
     history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
-    return {"images": sum(len(b) for b in batches), "final_top1": history["eval"][-1][1],
+    return {"images": len(batches) if isinstance(batches, Pool) else sum(len(b) for b in batches), "final_top1": history["eval"][-1][1],
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
 
 
@@ -87,6 +100,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--pool-sizes", default="64,128,256")
     parser.add_argument("--mixup", action="store_true", help="KD on teacher-labelled mixes of inverted images")
+    parser.add_argument("--real-reference", type=int, default=None,
+                        help="real training images for the reference row (default: --dense-images; 0: skip)")
     parser.add_argument("--json", default=None)
     add_inversion_arguments(parser)
     args = parser.parse_args()
@@ -118,12 +133,19 @@ def main() -> None:
     reaching = [r["images"] for r in results["sparse_by_size"] + [results["sparse_same_compute"]]
                 if r["best_top1"] >= target]
     results["sparse_images_to_reach_dense_best"] = min(reaching) if reaching else None
+    reference_size = args.dense_images if args.real_reference is None else args.real_reference
+    if reference_size:
+        dataset = load_card(args.teacher)["dataset"]
+        results["real_reference"] = distil(args, teacher, real_reference_pool(teacher, dataset, reference_size, mean, std),
+                                           test, mean, std)
 
     print(f"teacher {args.teacher} top-1 {100 * teacher_top1:.2f}% on {len(test)} real held-out images; "
           f"mode {args.mode}; {sparse_config.iterations} inversion iterations")
     print(f"{'pool':<28}{'images':>8}{'inversion s':>13}{'final top-1':>13}{'best top-1':>12}")
     rows = [("dense", results["dense"], dense_seconds), ("sparse, same compute", results["sparse_same_compute"], sparse_seconds)]
     rows += [(f"sparse, first {r['images']}", r, None) for r in results["sparse_by_size"]]
+    if "real_reference" in results:
+        rows.append(("real images (reference)", results["real_reference"], None))
     for name, r, seconds in rows:
         print(f"{name:<28}{r['images']:>8}{'' if seconds is None else f'{seconds:.0f}':>13}"
               f"{100 * r['final_top1']:>12.2f}%{100 * r['best_top1']:>11.2f}%")

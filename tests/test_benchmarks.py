@@ -25,3 +25,21 @@ def test_stopping_premise_oracle_keeps_real_digits_recognisable(tmp_path):
     assert all(o > r + 0.1 for o, r in zip(real["oracle (brightest)"], real["random"]))
     assert 0.1 < real["background_patch_fraction"] < 0.5
     assert len(digits["inverted"]["attention (SMI)"]) == 4
+
+
+def test_distillation_transfer_reports_every_pool_and_the_real_reference(tmp_path):
+    out = tmp_path / "kd.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/distillation_transfer.py"), "--teacher", "digits-vit",
+                             "--mode", "full", "--dense-images", "16", "--batch-size", "8", "--iterations", "4",
+                             "--pool-sizes", "8", "--epochs", "30", "--eval-every", "1000", "--real-reference", "512",
+                             "--json", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["mode"] == "full" and report["teacher_top1"] > 0.9
+    assert report["dense"]["images"] == 16 and report["dense"]["curve"][-1][0] == 8  # 30 passes of 16 images, batch 64
+    assert [r["images"] for r in report["sparse_by_size"]] == [8]
+    # The reference distils from real training digits the teacher labels: 240 steps of a tiny ViT
+    # from scratch must already beat chance (10%) on the held-out digits, or the row means nothing.
+    assert report["real_reference"]["images"] == 512
+    assert report["real_reference"]["best_top1"] > 0.25
+    assert "real images (reference)" in result.stdout
