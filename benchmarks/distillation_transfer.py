@@ -35,6 +35,7 @@ from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_stud
 from smi_plugin.evaluation import evaluate_accuracy, model_normalization, normalize
 from smi_plugin.inverter import InvertedBatch
 from smi_plugin.io import atomic_write_text
+from smi_plugin.tokens import patch_grid
 from smi_plugin.zoo import RECIPES, load_card
 
 
@@ -70,9 +71,9 @@ def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int =
     train = load_split(dataset, "train")
     index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]
     images = train.images(index)
-    grid = tuple(teacher.patch_embed.grid_size)
     pool = Pool()
-    pool.add(normalize(images, mean, std), torch.ones(len(index), *grid, dtype=torch.bool), train.labels[index])
+    pool.add(normalize(images, mean, std), torch.ones(len(index), *patch_grid(teacher).grid_size, dtype=torch.bool),
+             train.labels[index])
     return pool
 
 
@@ -85,7 +86,7 @@ def distil(args, teacher, batches, test, mean, std) -> dict:
                            epochs=args.epochs, batch_size=64, lr_schedule="cosine", eval_every=args.eval_every,
                            mixup=args.mixup)
     history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
-    return {"images": len(batches) if isinstance(batches, Pool) else sum(len(b) for b in batches), "final_top1": history["eval"][-1][1],
+    return {"images": history["pool_size"][-1][1], "final_top1": history["eval"][-1][1],
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
 
 

@@ -265,9 +265,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
     try:
         kd = DistillConfig(mode=args.mode, steps=args.steps, epochs=args.epochs, batch_size=args.kd_batch_size,
                            lr=args.kd_lr, optimizer=args.optimizer, temperature=args.temperature, mixup=args.mixup,
-                           source=args.source,
-                           images_per_round=args.images_per_round, kd_steps_per_round=args.kd_steps_per_round,
-                           eval_every=args.eval_every, seed=config.seed)
+                           source=args.source, images_per_round=args.images_per_round,
+                           kd_steps_per_round=args.kd_steps_per_round, eval_every=args.eval_every, seed=config.seed)
     except ValueError as err:
         raise CLIError(str(err)) from err
     mean, std = model_normalization(teacher)
