@@ -48,7 +48,8 @@ def accuracy_keeping(judge, images, labels, scores, kept: int, grid, fill: float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teachers", default="digits-vit,fashion-mnist-vit", help="comma-separated zoo names")
+    parser.add_argument("--teachers", default="digits-vit,fashion-mnist-vit,fashion-mnist-scattered-vit",
+                        help="comma-separated zoo names")
     parser.add_argument("--real-images", type=int, default=1000)
     parser.add_argument("--inverted-images", type=int, default=100)
     parser.add_argument("--iterations", type=int, default=400, help="inversion iterations (dense, demo recipe)")

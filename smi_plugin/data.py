@@ -4,6 +4,10 @@ Two sources are supported, both converted to 32x32 RGB so that the same small Vi
 
 * ``fashion-mnist``: the gzipped IDX files of Debian's ``dataset-fashion-mnist`` package
   (60k train / 10k test), or any directory holding the same four files.
+* ``fashion-mnist-scattered``: the same items shrunk to 45-60% of the side and placed anywhere on
+  the dark canvas (one fixed placement per image and split). As in ImageNet-like data, the object
+  covers a minority of the patches (about 23%) at a varying position, so a classifier must find it:
+  the setting SMI's foreground stopping assumes.
 * ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8), split once into a
   fixed, stratified train / held-out partition.
 
@@ -30,11 +34,13 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
-DATASETS = ("fashion-mnist", "digits")
+DATASETS = ("fashion-mnist", "fashion-mnist-scattered", "digits")
 SPLITS = ("train", "test")
 IMAGE_SIZE = 32
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0
+_SCATTER_SCALE = (0.45, 0.6)
+_SCATTER_SEEDS = {"train": 0, "test": 1}
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
     """Load one split of a real dataset at 32x32.
 
     Args:
-        name: ``"fashion-mnist"`` or ``"digits"``.
+        name: one of ``DATASETS``.
         split: ``"train"`` or ``"test"``.
         data_dir: for Fashion-MNIST, a directory holding the four IDX ``.gz`` files; defaults to
             ``$SMI_FASHION_MNIST_DIR`` or Debian's ``/usr/share/datasets/fashion-mnist``.
@@ -105,6 +111,10 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike | None = None)
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     if name == "fashion-mnist":
         return _load_fashion_mnist(split, data_dir)
+    if name == "fashion-mnist-scattered":
+        items = _load_fashion_mnist(split, data_dir)
+        generator = torch.Generator().manual_seed(_SCATTER_SEEDS[split])
+        return ImageSplit(name, split, scatter_objects(items.pixels, generator), items.labels, items.class_names)
     if name == "digits":
         return _load_digits(split)
     raise ValueError(f"unknown dataset {name!r}; use one of {DATASETS}")
@@ -115,6 +125,23 @@ def _resize_to_32(pixels: torch.Tensor) -> torch.Tensor:
     resized = F.interpolate(pixels.float(), size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
                             align_corners=False, antialias=True)
     return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def scatter_objects(pixels: torch.Tensor, generator: torch.Generator,
+                    scale: tuple[float, float] = _SCATTER_SCALE) -> torch.Tensor:
+    """Shrink each ``(N, 1, H, W)`` uint8 image by a random factor in ``scale`` and place it at a
+    uniformly random position that keeps it whole on a black canvas of the same size."""
+    n = pixels.shape[0]
+    factor = scale[0] + torch.rand(n, generator=generator) * (scale[1] - scale[0])
+    # grid_sample maps output to input coordinates (both in [-1, 1]): x_in = x_out / factor + shift,
+    # and the item stays inside the canvas while |shift| <= 1 / factor - 1.
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1 / factor - 1).unsqueeze(1)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / factor
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    placed = F.grid_sample(pixels.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return placed.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _fashion_mnist_dir(data_dir: str | os.PathLike | None) -> Path:

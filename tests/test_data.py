@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from smi_plugin.data import DatasetNotFoundError, load_split
+from smi_plugin.data import DatasetNotFoundError, load_split, scatter_objects
 
 
 def test_digits_splits_are_disjoint_and_stratified():
@@ -37,3 +37,35 @@ def test_missing_files_name_the_package(tmp_path):
         load_split("cifar", "train")
     with pytest.raises(ValueError, match="unknown split"):
         load_split("digits", "val")
+
+
+def test_scatter_objects_shrinks_each_item_and_keeps_it_whole_on_the_canvas():
+    white = torch.full((200, 1, 32, 32), 255, dtype=torch.uint8)
+    placed = scatter_objects(white, torch.Generator().manual_seed(0), scale=(0.5, 0.5))
+    lit = placed.float().div(255).flatten(1).sum(1) / 32 ** 2
+    # A full white square shrunk to half the side covers a quarter of the canvas, wherever it lands.
+    assert torch.allclose(lit, torch.full_like(lit, 0.25), atol=0.02)
+    rows, cols = placed[:, 0].amax(2) > 0, placed[:, 0].amax(1) > 0
+    assert rows.sum(1).max() <= 17 and cols.sum(1).max() <= 17
+    first_row = rows.float().argmax(1)
+    assert first_row.min() <= 2 and first_row.max() >= 14  # positions spread over the canvas
+    again = scatter_objects(white, torch.Generator().manual_seed(0), scale=(0.5, 0.5))
+    assert torch.equal(placed, again)
+
+
+def test_scattered_fashion_mnist_keeps_labels_and_darkens_the_canvas(tmp_path):
+    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 9], dtype=torch.uint8)
+    for prefix in ("train", "t10k"):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 6, 28, 28) + images.numpy().tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 6) + labels.numpy().tobytes())
+    plain = load_split("fashion-mnist", "test", data_dir=tmp_path)
+    scattered = load_split("fashion-mnist-scattered", "test", data_dir=tmp_path)
+    assert scattered.name == "fashion-mnist-scattered" and torch.equal(scattered.labels, plain.labels)
+    # Shrinking to 45-60% of the side keeps 20-36% of the light.
+    share = scattered.pixels.float().sum((1, 2, 3)) / plain.pixels.float().sum((1, 2, 3))
+    assert ((share > 0.18) & (share < 0.38)).all()
+    train = load_split("fashion-mnist-scattered", "train", data_dir=tmp_path)
+    assert not torch.equal(train.pixels, scattered.pixels)  # each split has its own placements

@@ -19,7 +19,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                     "distillation_curves.png"):
         assert (tmp_path / picture).stat().st_size > 1000, picture
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["teacher_top1"] > 0.85
+    assert results["teacher_top1"] > 0.7
     assert {r["source"] for r in results["quantization"]} == {"gaussian", "dense", "sparse", "real"}
     import datasets
 

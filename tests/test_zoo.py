@@ -19,8 +19,9 @@ def test_shipped_teacher_reproduces_its_card(name):
     accuracy = evaluate_accuracy(teacher, test, *model_normalization(teacher))
     assert accuracy == pytest.approx(card["heldout_top1"], abs=1e-4)
     # The targets bind the two main teachers; the knowledge-transfer pair (a backbone trained on
-    # half the classes, a teacher fine-tuned from it for 3 epochs) only has to be a usable classifier.
-    target = {"digits-vit": 0.97, "fashion-mnist-vit": 0.88}.get(name, 0.80)
+    # half the classes, a teacher fine-tuned from it for 3 epochs) only has to be a usable classifier,
+    # and the scattered-items teacher sees each item at half the resolution (about 4 patches a side).
+    target = {"digits-vit": 0.97, "fashion-mnist-vit": 0.88, "fashion-mnist-scattered-vit": 0.72}.get(name, 0.80)
     if card["trained_classes"] != list(range(card["num_classes"])):  # a backbone: judged on the classes it saw
         seen = test.subset(torch.isin(test.labels, torch.tensor(card["trained_classes"])))
         accuracy = evaluate_accuracy(teacher, seen, *model_normalization(teacher))
