@@ -17,14 +17,19 @@ def test_digits_splits_are_disjoint_and_stratified():
     assert not any(torch.equal(test.pixels[0], p) for p in train.pixels[:200])
 
 
-def test_fashion_mnist_from_a_directory_of_idx_files(tmp_path):
-    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 3, 9], dtype=torch.uint8)
+def write_idx_files(folder, labels: list[int]) -> None:
+    """Random 28x28 images with these labels, as both IDX splits (train and t10k) in ``folder``."""
+    images = torch.randint(0, 256, (len(labels), 28, 28), dtype=torch.uint8)
+    labels = torch.tensor(labels, dtype=torch.uint8)
     for prefix in ("train", "t10k"):
-        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 5, 28, 28) + images.numpy().tobytes())
-        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 5) + labels.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x03" + struct.pack(">III", len(labels), 28, 28) + images.numpy().tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + struct.pack(">I", len(labels)) + labels.numpy().tobytes())
+
+
+def test_fashion_mnist_from_a_directory_of_idx_files(tmp_path):
+    write_idx_files(tmp_path, [0, 1, 2, 3, 9])
     split = load_split("fashion-mnist", "test", data_dir=tmp_path)
     assert len(split) == 5 and split.labels.tolist() == [0, 1, 2, 3, 9]
     assert split.pixels.shape == (5, 1, 32, 32) and split.class_names[9] == "Ankle boot"
@@ -54,13 +59,7 @@ def test_scatter_objects_shrinks_each_item_and_keeps_it_whole_on_the_canvas():
 
 
 def test_scattered_fashion_mnist_keeps_labels_and_darkens_the_canvas(tmp_path):
-    images = torch.randint(0, 256, (6, 28, 28), dtype=torch.uint8)
-    labels = torch.tensor([0, 1, 2, 3, 4, 9], dtype=torch.uint8)
-    for prefix in ("train", "t10k"):
-        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 6, 28, 28) + images.numpy().tobytes())
-        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(b"\x00\x00\x08\x01" + struct.pack(">I", 6) + labels.numpy().tobytes())
+    write_idx_files(tmp_path, [0, 1, 2, 3, 4, 9])
     plain = load_split("fashion-mnist", "test", data_dir=tmp_path)
     scattered = load_split("fashion-mnist-scattered", "test", data_dir=tmp_path)
     assert scattered.name == "fashion-mnist-scattered" and torch.equal(scattered.labels, plain.labels)
