@@ -85,7 +85,8 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
     print("(1/5) teacher on real held-out images")
     teacher = load_teacher(config.teacher)
     mean, std = model_normalization(teacher)
-    train, test = _splits(config.teacher, config.eval_images)
+    dataset = load_card(config.teacher)["dataset"]
+    train, test = load_split(dataset, "train"), _heldout(dataset, config.eval_images)
     results["teacher_top1"] = evaluate_accuracy(teacher, test, mean, std)
 
     print("(2/5) inverting calibration images, dense and sparse")
@@ -133,20 +134,17 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
     return results
 
 
-def _splits(teacher: str, eval_images: int | None):
-    """The teacher's real train split and held-out test split (its first ``eval_images``)."""
-    dataset = load_card(teacher)["dataset"]
-    train, test = load_split(dataset, "train"), load_split(dataset, "test")
-    if eval_images:
-        test = test.subset(torch.arange(len(test)) < eval_images)
-    return train, test
+def _heldout(dataset: str, eval_images: int | None):
+    """The dataset's real held-out test split, or its first ``eval_images``."""
+    test = load_split(dataset, "test")
+    return test.subset(torch.arange(len(test)) < eval_images) if eval_images else test
 
 
 def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
     from .distill import DistillConfig, KDTrainer, linear_probe_student
 
     teacher, backbone = load_teacher(config.kd_teacher), load_teacher(config.kd_backbone)
-    _, test = _splits(config.kd_teacher, config.eval_images)
+    test = _heldout(load_card(config.kd_teacher)["dataset"], config.eval_images)
     mean, std = model_normalization(teacher)
     labels = balanced_labels(config.kd_images, int(teacher.num_classes))
     curves, result = {}, {"teacher_top1": evaluate_accuracy(teacher, test, mean, std)}
