@@ -25,13 +25,13 @@ data:
 	else echo "Fashion-MNIST missing: set SMI_FASHION_MNIST_DIR to a folder of its four IDX .gz files"; exit 1; fi
 
 demo: install data
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m smi_plugin.cli demo --out outputs/demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) examples/demo.py --out outputs/demo
 
 test: install data
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
 
 bench: install
-	$(PY) -m smi_plugin.cli bench --quick --json outputs/bench.json
+	$(PY) benchmarks/inversion_speed.py --quick --json outputs/bench.json
 
 clean:
 	rm -rf outputs .pytest_cache

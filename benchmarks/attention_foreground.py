@@ -14,7 +14,8 @@ import argparse
 import json
 
 from smi_plugin.data import load_split
-from smi_plugin.evaluation import attention_foreground_auc, model_normalization
+from smi_plugin.evaluation import attention_foreground_auc
+from smi_plugin.images import model_normalization
 from smi_plugin.io import atomic_write_text
 from smi_plugin.zoo import load_card, load_teacher, zoo_names
 

@@ -28,12 +28,13 @@ import time
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
-from smi_plugin.calibration import balanced_labels
-from smi_plugin.cli import add_inversion_arguments, inversion_config
+from smi_plugin.batch import balanced_labels
+from smi_plugin.cli.common import add_inversion_arguments, inversion_config
 from smi_plugin.data import load_split
 from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_student
-from smi_plugin.evaluation import evaluate_accuracy, model_normalization, normalize
-from smi_plugin.inverter import InvertedBatch
+from smi_plugin.evaluation import evaluate_accuracy
+from smi_plugin.images import model_normalization, normalize
+from smi_plugin.batch import InvertedBatch
 from smi_plugin.io import atomic_write_text
 from smi_plugin.tokens import patch_grid
 from smi_plugin.zoo import RECIPES, load_card

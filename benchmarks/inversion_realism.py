@@ -21,7 +21,7 @@ import torch
 from judge import background_level, judge_accuracy, train_judge
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
-from smi_plugin.calibration import balanced_labels
+from smi_plugin.batch import balanced_labels
 from smi_plugin.data import load_split
 from smi_plugin.io import atomic_write_text
 from smi_plugin.visualize import save_grid

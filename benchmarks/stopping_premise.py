@@ -21,12 +21,12 @@ import json
 import torch
 from judge import background_level, judge_accuracy, train_judge
 
-from smi_plugin import SparseInverter, StoppingSchedule, load_teacher
-from smi_plugin.calibration import balanced_labels
+from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
+from smi_plugin.batch import balanced_labels
 from smi_plugin.data import load_split
-from smi_plugin.demo import inversion_config
-from smi_plugin.evaluation import model_normalization, normalize
-from smi_plugin.inverter import InvertedBatch, frozen
+from smi_plugin.images import model_normalization, normalize
+from smi_plugin.batch import InvertedBatch
+from smi_plugin.images import frozen
 from smi_plugin.io import atomic_write_text
 from smi_plugin.tokens import indices_to_mask, patch_grid, record_cls_attention
 from smi_plugin.zoo import load_card
@@ -80,7 +80,8 @@ def main() -> None:
             real[ranking] = [accuracy_keeping(judge, images, labels, scores, k, grid, fill) for k in counts]
 
         inverted_labels = torch.tensor(balanced_labels(args.inverted_images, int(teacher.num_classes)))
-        batch = SparseInverter(teacher, inversion_config(args.iterations, sparse=False)).invert(inverted_labels)
+        config = InversionConfig.preset("data-like", iterations=args.iterations, schedule="dense")
+        batch = SparseInverter(teacher, config).invert(inverted_labels)
         rankings = {"attention (SMI)": last_block_attention(teacher, batch.normalized()),
                     "random": torch.rand(len(batch), grid.num_patches, generator=generator)}
         inverted = {"all patches": judge_accuracy(judge, batch.images, inverted_labels)}

@@ -10,10 +10,11 @@ backbone with a new head, trained by KD on sparsely inverted images, judged on r
 import argparse
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
-from smi_plugin.calibration import balanced_labels
+from smi_plugin.batch import balanced_labels
 from smi_plugin.data import load_split
 from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
-from smi_plugin.evaluation import evaluate_accuracy, model_normalization
+from smi_plugin.evaluation import evaluate_accuracy
+from smi_plugin.images import model_normalization
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--images", type=int, default=256)

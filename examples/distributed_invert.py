@@ -12,7 +12,7 @@ import argparse
 import datasets
 
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher
-from smi_plugin.calibration import balanced_labels
+from smi_plugin.batch import balanced_labels
 from smi_plugin.distributed import distributed_state, invert_to_directory
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -5,11 +5,12 @@
 
 import argparse
 
-from integrations.torchao import quantize_with_inverted_data
+from smi_plugin.integrations.torchao import quantize_with_inverted_data
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.data import load_split
-from smi_plugin.evaluation import evaluate_accuracy, model_normalization
+from smi_plugin.evaluation import evaluate_accuracy
+from smi_plugin.images import model_normalization
 from smi_plugin.zoo import load_card
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,11 +15,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from integrations.torchao import quantize_with_inverted_data
-from smi_plugin.calibration import SparseInvertedCalibrationDataset, balanced_labels
+from smi_plugin.integrations.torchao import quantize_with_inverted_data
+from smi_plugin.calibration import SparseInvertedCalibrationDataset
+from smi_plugin.batch import balanced_labels
 from smi_plugin.config import InversionConfig
 from smi_plugin.data import ImageSplit
-from smi_plugin.evaluation import model_normalization, predict_logits, sqnr_db, top1_accuracy
+from smi_plugin.evaluation import predict_logits, sqnr_db, top1_accuracy
+from smi_plugin.images import model_normalization
 from smi_plugin.inverter import SparseInverter
 from smi_plugin.schedule import StoppingSchedule
 

@@ -12,7 +12,8 @@ from .config import InversionConfig
 from .distill import DistillConfig, KDTrainer, distillation_stream, kd_loss
 from .distributed import invert_to_directory
 from .export import load_inverted, to_hf_dataset
-from .inverter import InvertedBatch, SparseInverter, derive_seed
+from .inverter import SparseInverter, derive_seed
+from .batch import InvertedBatch
 from .losses import BASE_METHODS, register_base_method
 from .schedule import StoppingSchedule
 from .tokens import UnsupportedModelError, check_vit, forward_kept_tokens

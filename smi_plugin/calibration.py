@@ -1,36 +1,35 @@
-"""Calibration data for post-training quantization, from sparsely inverted images.
+"""Calibration data for post-training quantization: a torch ``Dataset`` view of inverted images.
 
 Each item is a normalized image, its patch mask (True = retained foreground patch) and its label.
 Calibration forwards run only the retained tokens (``forward_kept_tokens``), so background patches
-never shape an activation range. A dense mode, a Gaussian-noise baseline and real images share the
-interface, so a quantization recipe can be compared across calibration sources unchanged.
+never shape an activation range. The data itself is an ``InvertedBatch``, whatever its source
+(sparse or dense inversions, Gaussian noise, real images), so a quantization recipe can be compared
+across calibration sources unchanged.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .evaluation import normalize
-from .tokens import patch_grid
-
-if TYPE_CHECKING:
-    from .config import InversionConfig
-    from .inverter import InvertedBatch
+from .batch import InvertedBatch, balanced_labels
+from .config import InversionConfig
+from .export import load_inverted
+from .images import model_normalization
+from .inverter import SparseInverter
+from .tokens import mask_to_indices, patch_grid
 
 MODES = ("sparse", "dense")
 
 
 class SparseInvertedCalibrationDataset(Dataset):
-    """Map-style dataset of ``{"pixel_values", "patch_mask", "label"}`` items.
+    """Map-style dataset of ``{"pixel_values", "patch_mask", "label"}`` items over an ``InvertedBatch``.
 
     Args:
-        pixel_values: ``(N, 3, H, W)`` images normalized as the model expects.
-        patch_mask: ``(N, H/p, W/p)`` bool masks of retained patches.
-        labels: ``(N,)`` classes (``-1`` where unknown).
-        source: a short description kept for reports (``"sparse-inverted"``, ``"gaussian"``, ...).
+        batch: the images (any source) with their masks, labels and provenance.
+        source: a short description kept for reports; default: the batch's provenance source.
 
     Example:
         >>> data = SparseInvertedCalibrationDataset.from_batches([batch])   # InvertedBatch list
@@ -38,25 +37,36 @@ class SparseInvertedCalibrationDataset(Dataset):
         ...     forward_kept_tokens(model, item["pixel_values"], item["patch_mask"])
     """
 
-    def __init__(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                 source: str = "custom") -> None:
-        if pixel_values.dim() != 4:
-            raise ValueError(f"pixel_values must be (N, C, H, W), got shape {tuple(pixel_values.shape)}")
-        if patch_mask.dim() != 3 or patch_mask.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"patch_mask must be (N, H/p, W/p) with N={pixel_values.shape[0]}, "
+    def __init__(self, batch: InvertedBatch, source: str | None = None) -> None:
+        images, patch_mask = batch.images, batch.patch_mask
+        if images.dim() != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if patch_mask.dim() != 3 or patch_mask.shape[0] != images.shape[0]:
+            raise ValueError(f"patch_mask must be (N, H/p, W/p) with N={images.shape[0]}, "
                              f"got {tuple(patch_mask.shape)}")
         gh, gw = patch_mask.shape[1:]
-        if pixel_values.shape[2] % gh or pixel_values.shape[3] % gw:
-            raise ValueError(f"a {gh}x{gw} patch grid does not tile {tuple(pixel_values.shape[2:])} images")
-        if pixel_values.shape[0] == 0:
+        if images.shape[2] % gh or images.shape[3] % gw:
+            raise ValueError(f"a {gh}x{gw} patch grid does not tile {tuple(images.shape[2:])} images")
+        if images.shape[0] == 0:
             raise ValueError("the calibration dataset is empty: invert (or load) at least one image")
-        patch_mask = patch_mask.to(torch.bool)
         if bool((patch_mask.flatten(1).sum(1) == 0).any()):
             raise ValueError("some images retain no patch at all; every image needs at least one")
-        self.pixel_values = pixel_values.float()
-        self.patch_mask = patch_mask
-        self.labels = (labels if labels is not None else torch.full((pixel_values.shape[0],), -1)).long()
-        self.source = source
+        self.batch = batch
+        self.pixel_values = batch.normalized().float().cpu()
+        self.patch_mask = patch_mask.to(torch.bool).cpu()
+        self.labels = batch.labels.long().cpu()
+        self.source = source or batch.provenance.get("source", "sparse-inverted")
+
+    @classmethod
+    def from_tensors(cls, pixel_values: torch.Tensor, patch_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                     source: str = "custom") -> "SparseInvertedCalibrationDataset":
+        """From already normalized ``pixel_values`` (stored with an identity normalization)."""
+        channels = pixel_values.shape[1] if pixel_values.dim() == 4 else 3
+        labels = torch.full((pixel_values.shape[0],), -1) if labels is None else labels
+        batch = InvertedBatch(images=pixel_values.float(), patch_mask=patch_mask.to(torch.bool), labels=labels.long(),
+                              kept_indices=torch.zeros(pixel_values.shape[0], 0, dtype=torch.long),
+                              mean=(0.0,) * channels, std=(1.0,) * channels, provenance={"source": source})
+        return cls(batch)
 
     def __len__(self) -> int:
         return self.pixel_values.shape[0]
@@ -83,8 +93,11 @@ class SparseInvertedCalibrationDataset(Dataset):
 
     def dense(self) -> "SparseInvertedCalibrationDataset":
         """The same images with every patch retained (dense calibration)."""
-        return SparseInvertedCalibrationDataset(self.pixel_values, torch.ones_like(self.patch_mask), self.labels,
-                                                source=f"{self.source}, all patches")
+        mask = torch.ones_like(self.batch.patch_mask)
+        batch = InvertedBatch(images=self.batch.images, patch_mask=mask, labels=self.batch.labels,
+                              kept_indices=mask_to_indices(mask), mean=self.batch.mean, std=self.batch.std,
+                              provenance=self.batch.provenance)
+        return SparseInvertedCalibrationDataset(batch, source=f"{self.source}, all patches")
 
     def batches(self, batch_size: int = 32, num_replicas: int = 1, rank: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches whose images all retain the same number of patches (so no padding is needed)."""
@@ -94,58 +107,46 @@ class SparseInvertedCalibrationDataset(Dataset):
                    "label": self.labels[index]}
 
     @classmethod
-    def from_batches(cls, batches: Sequence["InvertedBatch"], mode: str = "sparse") -> "SparseInvertedCalibrationDataset":
-        """From inverted batches, normalized with the mean/std recorded in them."""
+    def from_batches(cls, batches: Sequence[InvertedBatch], mode: str = "sparse") -> "SparseInvertedCalibrationDataset":
+        """From inverted batches (each normalized with the mean/std recorded in it)."""
         if not batches:
             raise ValueError("no inverted batches given: invert at least one image")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-        pixels = torch.cat([normalize(b.images.float().cpu(), b.mean, b.std) for b in batches])
-        masks = torch.cat([b.patch_mask.cpu() for b in batches])
-        labels = torch.cat([b.labels.cpu() for b in batches])
-        data = cls(pixels, masks, labels, source="sparse-inverted")
+        data = cls(InvertedBatch.concatenate([b.to("cpu") for b in batches]))
         return data if mode == "sparse" else data.dense()
 
     @classmethod
-    def from_inverter(cls, model: torch.nn.Module, num_images: int, config: "InversionConfig | None" = None,
+    def from_inverter(cls, model: torch.nn.Module, num_images: int, config: InversionConfig | None = None,
                       labels: Sequence[int] | None = None, seed: int | None = None, mode: str = "sparse",
                       progress: bool = True) -> "SparseInvertedCalibrationDataset":
         """Invert ``num_images`` images (labels balanced over classes unless given) and wrap them."""
-        from .inverter import SparseInverter
-
         inverter = SparseInverter(model, config, progress=progress)
         if labels is None:
             labels = balanced_labels(num_images, inverter.num_classes)
-        batch = inverter.invert(list(labels), seed=seed)
-        return cls.from_batches([batch], mode=mode)
+        return cls.from_batches([inverter.invert(list(labels), seed=seed)], mode=mode)
 
     @classmethod
     def gaussian(cls, model: torch.nn.Module, num_images: int, seed: int = 0) -> "SparseInvertedCalibrationDataset":
         """The noise baseline: N(0, 1) images in normalized space, every patch retained."""
         grid = patch_grid(model)
-        generator = torch.Generator().manual_seed(seed)
-        pixels = torch.randn(num_images, grid.in_chans, *grid.image_size, generator=generator)
-        return cls(pixels, torch.ones(num_images, *grid.grid_size, dtype=torch.bool), source="gaussian")
+        identity = ((0.0,) * grid.in_chans, (1.0,) * grid.in_chans)  # the noise is already normalized
+        return cls(InvertedBatch.gaussian(grid, num_images, *identity, seed=seed))
 
     @classmethod
-    def from_images(cls, model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                    labels: torch.Tensor | None = None, source: str = "real") -> "SparseInvertedCalibrationDataset":
-        """Real (or any) ``[0, 1]`` images, every patch retained."""
+    def from_images(cls, model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None, labels: torch.Tensor | None = None,
+                    source: str = "real") -> "SparseInvertedCalibrationDataset":
+        """Real (or any) ``[0, 1]`` images, every patch retained; normalization defaults to the model's."""
+        if mean is None or std is None:
+            mean, std = model_normalization(model)
         grid = patch_grid(model, tuple(images.shape[2:]))
-        masks = torch.ones(images.shape[0], *grid.grid_size, dtype=torch.bool)
-        return cls(normalize(images.float(), mean, std), masks, labels, source=source)
+        return cls(InvertedBatch.from_images(images, grid, mean, std, labels, source=source))
 
     @classmethod
     def from_hf(cls, dataset: Any) -> "SparseInvertedCalibrationDataset":
         """From a Hugging Face dataset written by ``smi invert`` (or a path to one)."""
-        from .export import load_inverted
-
-        return load_inverted(dataset).calibration_dataset()
-
-
-def balanced_labels(num_images: int, num_classes: int) -> list[int]:
-    """``num_images`` labels cycling over the classes (0, 1, ..., C-1, 0, 1, ...)."""
-    return [i % num_classes for i in range(num_images)]
+        return cls(load_inverted(dataset).to_batch())
 
 
 class KeptCountBatchSampler(Sampler[list[int]]):

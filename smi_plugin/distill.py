@@ -285,7 +285,7 @@ class KDTrainer:
         return x.to(device), m.to(device)
 
     def _grow_pool(self, round_index: int) -> None:
-        from .calibration import balanced_labels
+        from .batch import balanced_labels
 
         cfg = self.config
         labels = balanced_labels(cfg.images_per_round, self.inverter.num_classes)
@@ -412,7 +412,7 @@ class KDTrainer:
 
 def _as_pool(source: Any) -> Pool:
     from .calibration import SparseInvertedCalibrationDataset
-    from .inverter import InvertedBatch
+    from .batch import InvertedBatch
 
     if isinstance(source, Pool):
         return source
@@ -425,6 +425,6 @@ def _as_pool(source: Any) -> Pool:
     elif source is not None:
         from .export import load_inverted
 
-        calibration = load_inverted(source).calibration_dataset()
-        pool.add(calibration.pixel_values, calibration.patch_mask, calibration.labels)
+        batch = load_inverted(source).to_batch()
+        pool.add(batch.normalized(), batch.patch_mask, batch.labels)
     return pool

@@ -16,6 +16,8 @@ Example (any number of processes, CPUs or GPUs)::
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import json
 import os
 import shutil
@@ -29,7 +31,8 @@ from torch import nn
 
 from .config import InversionConfig
 from .export import FORMAT, to_hf_dataset
-from .inverter import InvertedBatch, SparseInverter, derive_seed
+from .inverter import SparseInverter, derive_seed
+from .batch import InvertedBatch
 from .io import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -61,9 +64,7 @@ def _library_versions() -> dict[str, str]:
     import datasets
     import timm
 
-    from . import __version__
-
-    return {"smi_plugin": __version__, "torch": torch.__version__, "timm": timm.__version__,
+    return {"smi_plugin": importlib.metadata.version("smi-plugin"), "torch": torch.__version__, "timm": timm.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__}
 
 

@@ -8,25 +8,8 @@ import torch
 from torch import nn
 
 from .data import ImageSplit
-
-
-def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Map ``[0, 1]`` RGB images to the model's normalized input space."""
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    return (images - mean_t) / std_t
-
-
-def model_normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The ``(mean, std)`` a timm model expects, read from its ``pretrained_cfg``."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "mean" not in cfg or "std" not in cfg:
-        raise ValueError(
-            f"{type(model).__name__} has no mean/std in pretrained_cfg; pass them explicitly "
-            "(e.g. InversionConfig(mean=..., std=...)) or create the model with timm so that "
-            "pretrained_cfg carries its normalization."
-        )
-    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+from .images import frozen, normalize
+from .tokens import cls_attention_scores, patch_grid
 
 
 @torch.no_grad()
@@ -72,9 +55,6 @@ def attention_foreground_auc(model: nn.Module, split: ImageSplit, mean: Sequence
     empty dark background (Fashion-MNIST, digits). SMI stops the least-attended patches by the last
     block's scores, so its last entry says whether the teacher's attention can find the foreground.
     """
-    from .inverter import frozen
-    from .tokens import cls_attention_scores, patch_grid
-
     grid = patch_grid(model)
     images = split.images(slice(0, max_images))
     (ph, pw) = grid.patch_size

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from .batch import InvertedBatch
+from .tokens import mask_to_indices
+
 if TYPE_CHECKING:
     import datasets
-
-    from .calibration import SparseInvertedCalibrationDataset
-    from .inverter import InvertedBatch
 
 FORMAT = "smi-plugin/inverted-images/v1"
 REQUIRED_COLUMNS = ("pixel_values", "patch_mask", "label")
@@ -44,7 +44,7 @@ def inverted_features(image_shape: Sequence[int], grid_size: Sequence[int], clas
     })
 
 
-def to_hf_dataset(batches: Sequence["InvertedBatch"], manifest: dict[str, Any],
+def to_hf_dataset(batches: Sequence[InvertedBatch], manifest: dict[str, Any],
                   items: Sequence[int] | None = None, class_names: Sequence[str] | None = None) -> "datasets.Dataset":
     """Rows from inverted batches (``items[i]`` is the work-item index of ``batches[i]``)."""
     import datasets
@@ -105,14 +105,16 @@ class InvertedDataset:
         table = self.dataset.select_columns(["pixel_values", "patch_mask", "label", "seed", "item"]).with_format("torch")
         return dict(table[:])
 
-    def calibration_dataset(self, mode: str = "sparse") -> "SparseInvertedCalibrationDataset":
-        from .calibration import SparseInvertedCalibrationDataset
-        from .evaluation import normalize
-
+    def to_batch(self) -> InvertedBatch:
+        """All rows as one ``InvertedBatch`` (the manifest as its provenance)."""
         data = self.tensors()
-        calibration = SparseInvertedCalibrationDataset(normalize(data["pixel_values"], self.mean, self.std),
-                                                       data["patch_mask"], data["label"], source="sparse-inverted")
-        return calibration if mode == "sparse" else calibration.dense()
+        mask = data["patch_mask"].bool()
+        counts = mask.flatten(1).sum(1)
+        same = bool((counts == counts[0]).all()) if len(counts) else True
+        kept = mask_to_indices(mask) if same else torch.zeros(len(counts), 0, dtype=torch.long)
+        return InvertedBatch(images=data["pixel_values"].float(), patch_mask=mask, labels=data["label"].long(),
+                             kept_indices=kept, mean=self.mean, std=self.std,
+                             provenance={**self.manifest, "source": "sparse-inverted"})
 
 
 def load_inverted(source: "str | os.PathLike | datasets.Dataset | InvertedDataset") -> InvertedDataset:

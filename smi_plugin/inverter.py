@@ -24,16 +24,18 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from .batch import InvertedBatch
 from .config import InversionConfig
+from .images import frozen, model_normalization
 from .losses import BASE_METHODS, ImagePriors, jensen_shannon
 from .priors import RetainedPixelPriors
+from .progress import progress_bar
 from .schedule import StoppingSchedule
 from .tokens import (PatchGrid, check_vit, forward_patches, images_to_patches, indices_to_mask,
                      patch_grid, patches_to_images, position_tokens, record_cls_attention)
@@ -46,70 +48,6 @@ def derive_seed(seed: int, index: int) -> int:
     value = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
     value ^= value >> 31
     return value & ((1 << 63) - 1)
-
-
-@dataclass
-class InvertedBatch:
-    """Images inverted from a teacher, with the truth about which patches were kept.
-
-    Attributes:
-        images: ``(B, 3, H, W)`` pixels in ``[0, 1]``; stopped patches hold their last values (the
-            mask, not the pixels, says what was stopped).
-        patch_mask: ``(B, H/p, W/p)`` bool, True for retained patches.
-        labels: ``(B,)`` target classes.
-        kept_indices: ``(B, K)`` retained patch indices (row-major), ascending.
-        mean, std: the normalization the teacher expects (``normalized()`` applies it).
-        provenance: config, teacher, seed, kept counts per stage, final losses, timing, versions.
-        history: loss records every ``log_every`` iterations.
-        snapshots: optional ``(iteration, images, patch_mask)`` at each stage (for the stage strip).
-    """
-
-    images: torch.Tensor
-    patch_mask: torch.Tensor
-    labels: torch.Tensor
-    kept_indices: torch.Tensor
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    provenance: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    snapshots: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return self.labels.numel()
-
-    @property
-    def num_kept(self) -> int:
-        return self.kept_indices.shape[1]
-
-    def normalized(self) -> torch.Tensor:
-        """Images in the teacher's normalized input space (what ``forward_kept_tokens`` takes)."""
-        from .evaluation import normalize
-
-        return normalize(self.images, self.mean, self.std)
-
-    def masked_images(self, fill: float = 0.0) -> torch.Tensor:
-        """Images with stopped patches set to ``fill`` (black by default): what was really inverted."""
-        gh, gw = self.patch_mask.shape[1:]
-        ph, pw = self.images.shape[2] // gh, self.images.shape[3] // gw
-        keep = self.patch_mask.repeat_interleave(ph, 1).repeat_interleave(pw, 2).unsqueeze(1)
-        return torch.where(keep, self.images, torch.full_like(self.images, fill))
-
-    @staticmethod
-    def concatenate(batches: Sequence["InvertedBatch"]) -> "InvertedBatch":
-        """One batch from several inverted with the same teacher and config."""
-        first = batches[0]
-        if len(batches) == 1:
-            return first
-        same_k = len({b.num_kept for b in batches}) == 1
-        return InvertedBatch(
-            images=torch.cat([b.images for b in batches]),
-            patch_mask=torch.cat([b.patch_mask for b in batches]),
-            labels=torch.cat([b.labels for b in batches]),
-            kept_indices=torch.cat([b.kept_indices for b in batches]) if same_k else first.kept_indices[:0],
-            mean=first.mean, std=first.std,
-            provenance={**first.provenance, "parts": [b.provenance for b in batches]},
-            history=first.history,
-        )
 
 
 @dataclass
@@ -138,21 +76,6 @@ class InversionState:
         """Write the retained patches' values into the canvas."""
         with torch.no_grad():
             self.canvas.scatter_(1, self.kept.unsqueeze(-1).expand_as(self.param), self.param)
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no weight gradients for the duration; restores both afterwards."""
-    flags = [p.requires_grad for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 class SparseInverter:
@@ -184,8 +107,6 @@ class SparseInverter:
         if self.config.mean is not None:
             self.mean, self.std = self.config.mean, self.config.std
         else:
-            from .evaluation import model_normalization
-
             self.mean, self.std = model_normalization(model)
         if len(self.mean) != self.grid.in_chans or len(self.std) != self.grid.in_chans:
             raise ValueError(f"mean/std have {len(self.mean)}/{len(self.std)} entries but the model takes "
@@ -274,11 +195,7 @@ class SparseInverter:
         return batch
 
     def _progress_bar(self, total: int):
-        if not self.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, desc="inverting", unit="it", leave=False)
+        return progress_bar(total, enabled=self.progress, desc="inverting", unit="it", leave=False)
 
     def _augment(self, kept: torch.Tensor, patches: torch.Tensor,
                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

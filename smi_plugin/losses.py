@@ -14,14 +14,23 @@ batch size (the authors' code sums norms over the whole batch instead).
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .config import InversionConfig
+
+
+class LossWeights(Protocol):
+    """The loss weights a base method reads (``InversionConfig`` has them all)."""
+
+    ce_weight: float
+    tv_l2_weight: float
+    tv_l1_weight: float
+    l2_weight: float
+    input_stats_weight: float
+    patch_similarity_weight: float
 
 BASE_METHODS: dict[str, type["DeepInversion"]] = {}
 
@@ -106,7 +115,7 @@ class DeepInversion:
     left, and ``input_stats_weight`` matches the batch's pixel moments to it.
     """
 
-    def __init__(self, config: "InversionConfig") -> None:
+    def __init__(self, config: LossWeights) -> None:
         self.config = config
 
     def hooks(self, model: nn.Module) -> ContextManager:
@@ -173,7 +182,7 @@ class PSAQViT(DeepInversion):
     ``attn @ v``, which PSAQ hooks as ``matmul2``), so fused attention stays on.
     """
 
-    def __init__(self, config: "InversionConfig") -> None:
+    def __init__(self, config: LossWeights) -> None:
         super().__init__(config)
         self._features: list[torch.Tensor] = []
         self._heads = 0

@@ -61,12 +61,17 @@ class StoppingSchedule:
 
     @classmethod
     def paper_scaled(cls, iterations: int) -> "StoppingSchedule":
-        """The paper's ratios at iterations scaled from its 4000-iteration run to ``iterations``."""
+        """The paper's ratios at iterations scaled from its 4000-iteration run to ``iterations``.
+
+        Runs shorter than five iterations cannot hold all four stages; the ones that would come at or
+        after the last iteration are left out.
+        """
         scale, stages, previous = iterations / PAPER_ITERATIONS, {}, 0
         for iteration, ratio in PAPER_STAGES.items():
             # Short runs would round stages together; keep them distinct and in order.
             previous = max(round(iteration * scale), previous + 1)
-            stages[previous] = ratio
+            if previous < iterations:
+                stages[previous] = ratio
         return cls(stages)
 
     @classmethod

@@ -11,7 +11,7 @@ import torch
 from .io import atomic_path
 
 if TYPE_CHECKING:
-    from .inverter import InvertedBatch
+    from .batch import InvertedBatch
 
 
 def _save_png(grid: torch.Tensor, path: str | os.PathLike) -> Path:

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter
-from smi_plugin.calibration import KeptCountBatchSampler, SparseInvertedCalibrationDataset, balanced_labels
-from smi_plugin.evaluation import normalize
+from smi_plugin.calibration import KeptCountBatchSampler, SparseInvertedCalibrationDataset
+from smi_plugin.batch import balanced_labels
+from smi_plugin.images import normalize
 
 
 def _batch(tiny_vit, labels=(0, 1, 2, 3), schedule="2:0.5"):
@@ -21,7 +22,7 @@ def test_from_batches_normalizes_with_recorded_stats(tiny_vit):
 
 def test_batches_group_equal_kept_counts_and_shard(tiny_vit):
     sparse = SparseInvertedCalibrationDataset.from_batches([_batch(tiny_vit)])
-    mixed = SparseInvertedCalibrationDataset(
+    mixed = SparseInvertedCalibrationDataset.from_tensors(
         torch.cat([sparse.pixel_values, sparse.pixel_values]), torch.cat([sparse.patch_mask, sparse.dense().patch_mask]),
         torch.arange(8))
     batches = list(mixed.batches(batch_size=3))
@@ -43,10 +44,10 @@ def test_baselines_share_the_interface(tiny_vit):
 
 def test_bad_input_is_refused(tiny_vit):
     with pytest.raises(ValueError, match="empty"):
-        SparseInvertedCalibrationDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, 8, 8, dtype=torch.bool))
+        SparseInvertedCalibrationDataset.from_tensors(torch.zeros(0, 3, 32, 32), torch.zeros(0, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="no patch"):
-        SparseInvertedCalibrationDataset(torch.zeros(1, 3, 32, 32), torch.zeros(1, 8, 8, dtype=torch.bool))
-    wrong_grid = SparseInvertedCalibrationDataset(torch.zeros(2, 3, 32, 32), torch.ones(2, 4, 4, dtype=torch.bool))
+        SparseInvertedCalibrationDataset.from_tensors(torch.zeros(1, 3, 32, 32), torch.zeros(1, 8, 8, dtype=torch.bool))
+    wrong_grid = SparseInvertedCalibrationDataset.from_tensors(torch.zeros(2, 3, 32, 32), torch.ones(2, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="patch grid"):
         wrong_grid.check_model(tiny_vit)
     with pytest.raises(ValueError, match="no inverted batches"):

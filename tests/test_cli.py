@@ -65,6 +65,6 @@ def test_config_file_keys_mirror_the_dataclass(tmp_path):
 
 
 def test_help_explains_every_command():
-    for command in ("invert", "quantize", "distill", "bench", "demo", "train-teacher"):
+    for command in ("invert", "quantize", "distill", "bench", "train-teacher"):
         result = _smi(command, "--help")
         assert result.returncode == 0 and "usage: smi" in result.stdout

@@ -5,10 +5,23 @@ import pytest
 from smi_plugin import InversionConfig, StoppingSchedule
 
 
-def test_defaults_follow_the_paper():
-    config = InversionConfig()
+def test_paper_preset_is_the_published_run():
+    config = InversionConfig.preset("paper")
     assert (config.iterations, config.lr, config.betas, config.tv_l2_weight) == (4000, 0.25, (0.5, 0.99), 1e-4)
     assert config.schedule == StoppingSchedule.paper()
+
+
+def test_default_schedule_scales_the_paper_stages_to_the_run():
+    # 300 of the paper's 4000 iterations: stages at 50/100/200/300 * 300/4000 = 3.75/7.5/15/22.5
+    assert InversionConfig().schedule == StoppingSchedule({4: 0.3, 8: 0.3, 15: 0.3, 22: 0.3})
+    assert InversionConfig(iterations=4000).schedule == StoppingSchedule.paper()
+
+
+def test_presets_override_and_refuse_unknown_names():
+    config = InversionConfig.preset("data-like", iterations=40)
+    assert (config.iterations, config.augment, config.tie_channels) == (40, "pixel", True)
+    with pytest.raises(ValueError, match="unknown inversion preset"):
+        InversionConfig.preset("fastest")
 
 
 def test_round_trips_through_json():

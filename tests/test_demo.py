@@ -6,12 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 
 @pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run([sys.executable, "-m", "smi_plugin.cli", "demo", "--quick", "--out", str(tmp_path)],
+    result = subprocess.run([sys.executable, str(ROOT / "examples/demo.py"), "--quick", "--out", str(tmp_path)],
                             env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "smi-plugin demo" in result.stdout and "faster" in result.stdout

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, load_teacher
-from smi_plugin.calibration import balanced_labels
+from smi_plugin.batch import balanced_labels
 from smi_plugin.data import load_split
 from smi_plugin.distill import DistillConfig, KDTrainer, distillation_stream, kd_loss, linear_probe_student
-from smi_plugin.evaluation import model_normalization
+from smi_plugin.images import model_normalization
 
 
 def test_kd_loss_matches_a_hand_computation():

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from smi_plugin.data import load_split
-from smi_plugin.evaluation import attention_foreground_auc, model_normalization
+from smi_plugin.evaluation import attention_foreground_auc
+from smi_plugin.images import model_normalization
 from smi_plugin.tokens import cls_attention_scores
 from smi_plugin.zoo import load_teacher
 

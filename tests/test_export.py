@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smi_plugin import InversionConfig, SparseInverter
+from smi_plugin import InversionConfig, SparseInvertedCalibrationDataset, SparseInverter
 from smi_plugin.export import FORMAT, load_inverted, push_to_hub, to_hf_dataset
 
 
@@ -20,7 +20,7 @@ def test_round_trip_is_bit_identical(tmp_path, exported):
     data = loaded.tensors()
     assert torch.equal(data["pixel_values"], batch.images) and torch.equal(data["patch_mask"], batch.patch_mask)
     assert data["label"].tolist() == [0, 3, 9] and loaded.class_names[9] == "c9"
-    calibration = loaded.calibration_dataset()
+    calibration = SparseInvertedCalibrationDataset.from_hf(tmp_path / "ds")
     assert torch.allclose(calibration.pixel_values, batch.normalized()) and torch.equal(calibration.patch_mask, batch.patch_mask)
     preview = dataset[0]["preview"]
     assert preview.size == (32, 32) and preview.mode == "RGB"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, UnsupportedModelError
-from smi_plugin.inverter import InvertedBatch
+from smi_plugin.batch import InvertedBatch
 from smi_plugin.tokens import images_to_patches, patch_grid
 
 from conftest import make_vit

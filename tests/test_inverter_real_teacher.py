@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
-from smi_plugin.calibration import balanced_labels
+from smi_plugin.batch import balanced_labels
 
 
 @pytest.mark.slow

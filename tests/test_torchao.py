@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from integrations.torchao import calibrate_pt2e, observer_ranges, quantize_with_inverted_data
+from smi_plugin.integrations.torchao import calibrate_pt2e, observer_ranges, quantize_with_inverted_data
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.data import load_split
-from smi_plugin.evaluation import model_normalization, normalize
+from smi_plugin.images import model_normalization, normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -33,7 +33,7 @@ def real_test(teacher):
 def _with_noisy_background(data: SparseInvertedCalibrationDataset, scale: float = 8.0):
     keep = data.patch_mask.repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
     noise = torch.randn(data.pixel_values.shape, generator=torch.Generator().manual_seed(0)) * scale
-    return SparseInvertedCalibrationDataset(torch.where(keep, data.pixel_values, noise), data.patch_mask, data.labels)
+    return SparseInvertedCalibrationDataset.from_tensors(torch.where(keep, data.pixel_values, noise), data.patch_mask, data.labels)
 
 
 @pytest.mark.parametrize("coverage", ["linear", "full"])
@@ -78,6 +78,6 @@ def test_bad_input_gets_clear_errors(teacher, sparse_data):
         quantize_with_inverted_data(teacher, sparse_data, "w4a8", backend="quantize_")
     with pytest.raises(TypeError, match="not supported"):
         quantize_with_inverted_data(torch.nn.Linear(4, 4), sparse_data)
-    wrong = SparseInvertedCalibrationDataset(torch.zeros(2, 3, 32, 32), torch.ones(2, 2, 2, dtype=torch.bool))
+    wrong = SparseInvertedCalibrationDataset.from_tensors(torch.zeros(2, 3, 32, 32), torch.ones(2, 2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="patch grid"):
         quantize_with_inverted_data(teacher, wrong)

@@ -5,7 +5,8 @@ import torch
 
 from smi_plugin import load_teacher
 from smi_plugin.data import load_split
-from smi_plugin.evaluation import evaluate_accuracy, model_normalization
+from smi_plugin.evaluation import evaluate_accuracy
+from smi_plugin.images import model_normalization
 from smi_plugin.zoo import TeacherError, card_path, load_card, weights_path, zoo_names
 
 

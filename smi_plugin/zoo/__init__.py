@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import load_split
-from ..evaluation import evaluate_accuracy, normalize
+from ..evaluation import evaluate_accuracy
+from ..images import normalize
 
 ZOO_DIR = Path(__file__).resolve().parent
 BASE_ARCHITECTURE = "vit_tiny_patch16_224"

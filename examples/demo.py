@@ -1,4 +1,4 @@
-"""The main job end to end on the embedded Fashion-MNIST teachers (``make demo`` / ``smi demo``).
+"""The main job end to end on the embedded Fashion-MNIST teachers (``make demo``).
 
 1. Load the zoo teacher and measure it on the real held-out test set. The default teacher sees
    Fashion-MNIST items shrunk and scattered over a dark canvas (``fashion-mnist-scattered``), so
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,15 +25,15 @@ from typing import Any
 
 import torch
 
-from .calibration import balanced_labels
-from .config import InversionConfig
-from .data import load_split
-from .evaluation import evaluate_accuracy, model_normalization
-from .inverter import SparseInverter
-from .io import atomic_write_text
-from .schedule import StoppingSchedule
-from .visualize import save_curves, save_grid, save_stage_strip
-from .zoo import load_card, load_teacher
+from smi_plugin.batch import balanced_labels
+from smi_plugin.config import InversionConfig
+from smi_plugin.data import load_split
+from smi_plugin.evaluation import evaluate_accuracy
+from smi_plugin.images import model_normalization
+from smi_plugin.inverter import SparseInverter
+from smi_plugin.io import atomic_write_text
+from smi_plugin.visualize import save_curves, save_grid, save_stage_strip
+from smi_plugin.zoo import load_card, load_teacher
 
 
 @dataclass
@@ -57,14 +58,10 @@ class DemoConfig:
 
 
 def inversion_config(iterations: int, sparse: bool, seed: int = 0) -> InversionConfig:
-    """The demo's inversion: the paper's method (CE + TV, Adam) with its stages scaled to the run, one
-    gray channel for these grayscale teachers, and the options that make a small teacher's inversions
-    look like its data (``benchmarks/inversion_realism.py``): random resized crops, a stronger TV,
-    lr 0.1 and the input-statistics prior."""
-    schedule = StoppingSchedule.paper_scaled(iterations) if sparse else StoppingSchedule.dense()
-    return InversionConfig(iterations=iterations, batch_size=64, schedule=schedule, seed=seed, tie_channels=True,
-                           augment="pixel", tv_l2_weight=3e-2, lr=0.1, input_stats_weight=1.0,
-                           log_every=max(1, iterations // 20))
+    """The demo's inversion: the library's data-like preset (the paper's method with its stages
+    scaled to the run, one gray channel, crops, stronger TV, lr 0.1, the input-statistics prior)."""
+    return InversionConfig.preset("data-like", iterations=iterations, seed=seed, log_every=max(1, iterations // 20),
+                                  schedule="paper-scaled" if sparse else "dense")
 
 
 def _timed_inversion(teacher, iterations: int, sparse: bool, labels: list[int], seed: int, snapshots: bool = False):
@@ -74,11 +71,11 @@ def _timed_inversion(teacher, iterations: int, sparse: bool, labels: list[int], 
 
 
 def run(config: DemoConfig, out: Path) -> dict[str, Any]:
-    from integrations.torchao_report import compare_calibrations
+    from smi_plugin.integrations.torchao_report import compare_calibrations
 
-    from .bench import count_step_flops
-    from .export import FORMAT, to_hf_dataset
-    from .inverter import frozen
+    from smi_plugin.flops import count_step_flops
+    from smi_plugin.export import FORMAT, to_hf_dataset
+    from smi_plugin.images import frozen
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config)}
@@ -141,7 +138,7 @@ def _heldout(dataset: str, eval_images: int | None):
 
 
 def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
-    from .distill import DistillConfig, KDTrainer, linear_probe_student
+    from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
 
     teacher, backbone = load_teacher(config.kd_teacher), load_teacher(config.kd_backbone)
     test = _heldout(load_card(config.kd_teacher)["dataset"], config.eval_images)
@@ -184,7 +181,13 @@ def format_summary(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="examples/demo.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/demo", help="where pictures, tables and the dataset go "
+                        "(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     out = Path(args.out)
     results = run(DemoConfig.quick() if args.quick else DemoConfig(), out)
@@ -194,3 +197,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
           f"distillation_curves.png; dataset: {out}/dataset; all numbers: {out}/results.json "
           f"({time.perf_counter() - started:.0f}s)")
     return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,14 @@
+"""benchmarks/inversion_speed.py, the harness behind `smi bench`."""
+
 import json
 import sys
 
 import pytest
 
-from smi_plugin.bench import BenchConfig, benchmark_one, format_table
+from conftest import ROOT, load_benchmark
+
+harness = load_benchmark("inversion_speed")
+BenchConfig, benchmark_one, format_table = harness.BenchConfig, harness.benchmark_one, harness.format_table
 
 
 @pytest.mark.slow
@@ -36,6 +41,7 @@ def test_memory_probe_runs_in_a_fresh_process():
 
     spec = {"model": "deit_tiny_patch16_224", "batch_size": 1, "stage": 4, "implementation": "ours",
             "config": {"iterations": 400}}
-    out = subprocess.run([sys.executable, "-m", "smi_plugin.bench", "--probe-memory", json.dumps(spec)],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/inversion_speed.py"), "--probe-memory",
+                          json.dumps(spec)],
                          capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] > 0

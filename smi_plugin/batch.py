@@ -1,0 +1,123 @@
+"""The one in-memory type for images with patch masks, labels and provenance.
+
+``InvertedBatch`` holds inverted images (the inverter returns one), and just as well real images
+or Gaussian noise with every patch retained, so every consumer (calibration, distillation, export,
+pictures) takes one type. The torch ``Dataset`` view is ``SparseInvertedCalibrationDataset``; the
+on-disk form is a Hugging Face dataset (``smi_plugin.export``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .images import denormalize, mask_to_pixels, normalize
+from .tokens import PatchGrid, mask_to_indices
+
+
+@dataclass
+class InvertedBatch:
+    """Images inverted from a teacher, with the truth about which patches were kept.
+
+    Attributes:
+        images: ``(B, 3, H, W)`` pixels in ``[0, 1]``; stopped patches hold their last values (the
+            mask, not the pixels, says what was stopped).
+        patch_mask: ``(B, H/p, W/p)`` bool, True for retained patches.
+        labels: ``(B,)`` target classes.
+        kept_indices: ``(B, K)`` retained patch indices (row-major), ascending.
+        mean, std: the normalization the teacher expects (``normalized()`` applies it).
+        provenance: config, teacher, seed, kept counts per stage, final losses, timing, versions.
+        history: loss records every ``log_every`` iterations.
+        snapshots: optional ``(iteration, images, patch_mask)`` at each stage (for the stage strip).
+    """
+
+    images: torch.Tensor
+    patch_mask: torch.Tensor
+    labels: torch.Tensor
+    kept_indices: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    snapshots: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def num_kept(self) -> int:
+        return self.kept_indices.shape[1]
+
+    def normalized(self) -> torch.Tensor:
+        """Images in the teacher's normalized input space (what ``forward_kept_tokens`` takes)."""
+        return normalize(self.images, self.mean, self.std)
+
+    def masked_images(self, fill: float = 0.0) -> torch.Tensor:
+        """Images with stopped patches set to ``fill`` (black by default): what was really inverted."""
+        keep = mask_to_pixels(self.patch_mask, self.images.shape[2:])
+        return torch.where(keep, self.images, torch.full_like(self.images, fill))
+
+    def to(self, device: torch.device | str) -> "InvertedBatch":
+        """The same batch with its tensors on ``device`` (provenance and history shared)."""
+        return InvertedBatch(images=self.images.to(device), patch_mask=self.patch_mask.to(device),
+                             labels=self.labels.to(device), kept_indices=self.kept_indices.to(device),
+                             mean=self.mean, std=self.std, provenance=self.provenance, history=self.history,
+                             snapshots=self.snapshots)
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "InvertedBatch":
+        """The rows ``rows`` as a new batch (kept indices dropped where their counts differ)."""
+        index = torch.as_tensor(list(rows) if not torch.is_tensor(rows) else rows, dtype=torch.long)
+        mask = self.patch_mask[index.to(self.patch_mask.device)]
+        counts = mask.flatten(1).sum(1)
+        same = counts.numel() == 0 or bool((counts == counts[0]).all())
+        kept = mask_to_indices(mask) if same else torch.zeros(len(index), 0, dtype=torch.long)
+        return InvertedBatch(images=self.images[index.to(self.images.device)], patch_mask=mask,
+                             labels=self.labels[index.to(self.labels.device)], kept_indices=kept, mean=self.mean,
+                             std=self.std, provenance=self.provenance, history=self.history)
+
+    @staticmethod
+    def concatenate(batches: Sequence["InvertedBatch"]) -> "InvertedBatch":
+        """One batch from several inverted with the same teacher and config."""
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        same_k = len({b.num_kept for b in batches}) == 1
+        return InvertedBatch(
+            images=torch.cat([b.images for b in batches]),
+            patch_mask=torch.cat([b.patch_mask for b in batches]),
+            labels=torch.cat([b.labels for b in batches]),
+            kept_indices=torch.cat([b.kept_indices for b in batches]) if same_k else first.kept_indices[:0],
+            mean=first.mean, std=first.std,
+            provenance={**first.provenance, "parts": [b.provenance for b in batches]},
+            history=first.history,
+        )
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, grid: PatchGrid, mean: Sequence[float], std: Sequence[float],
+                    labels: torch.Tensor | None = None, source: str = "real") -> "InvertedBatch":
+        """Real (or any) ``[0, 1]`` images with every patch retained; ``-1`` labels where unknown."""
+        count = images.shape[0]
+        mask = torch.ones(count, *grid.grid_size, dtype=torch.bool)
+        labels = torch.full((count,), -1, dtype=torch.long) if labels is None else labels.long()
+        return cls(images=images.float(), patch_mask=mask, labels=labels, kept_indices=mask_to_indices(mask),
+                   mean=tuple(mean), std=tuple(std), provenance={"source": source})
+
+    @classmethod
+    def gaussian(cls, grid: PatchGrid, count: int, mean: Sequence[float], std: Sequence[float],
+                 seed: int = 0) -> "InvertedBatch":
+        """The noise baseline: N(0, 1) images in the normalized space, every patch retained.
+
+        Stored in pixel units like every batch, unclamped, so ``normalized()`` gives back the noise.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(count, grid.in_chans, *grid.image_size, generator=generator)
+        batch = cls.from_images(denormalize(noise, mean, std), grid, mean, std, source="gaussian")
+        batch.provenance["seed"] = seed
+        return batch
+
+
+def balanced_labels(num_images: int, num_classes: int) -> list[int]:
+    """``num_images`` labels cycling over the classes (0, 1, ..., C-1, 0, 1, ...)."""
+    return [i % num_classes for i in range(num_images)]
