@@ -100,15 +100,17 @@ def _state_at_stage(inverter: SparseInverter, labels: torch.Tensor, stage: int,
     The wall time of each stop (selection, Adam-state slicing, prior planning) is appended to
     ``stop_seconds`` when given: a real sparse run pays it once per stage.
     """
+    if stop_seconds is None:
+        return inverter.state_at_stage(labels, seed=stage, stage=stage)
+    # The same stops as state_at_stage (same seeds), each one timed.
     state = inverter.start(labels, seed=stage)
     generator = torch.Generator().manual_seed(stage)
-    for _, ratio in inverter.config.schedule.stages[:stage]:
+    for planned in inverter.stages[:stage]:
         scores = torch.rand(state.kept.shape, generator=generator).to(state.kept.device)
         started = time.perf_counter()
-        inverter.stop(state, ratio, scores)
+        inverter.stop(state, planned, scores)
         _sync(state.kept.device)
-        if stop_seconds is not None:
-            stop_seconds.append(time.perf_counter() - started)
+        stop_seconds.append(time.perf_counter() - started)
     return state
 
 
@@ -130,8 +132,8 @@ class ReferenceStyleInversion:
         prefix = torch.arange(grid.num_prefix_tokens, device=kept.device).expand(kept.shape[0], -1)
         self.token_index = torch.cat([prefix, kept + grid.num_prefix_tokens], 1)
         self.maps: list[torch.Tensor] = []
-        self.low = inverter.clamp_low.view(1, -1, 1, 1)
-        self.high = inverter.clamp_high.view(1, -1, 1, 1)
+        self.low = inverter.channels.low.view(1, -1, 1, 1)
+        self.high = inverter.channels.high.view(1, -1, 1, 1)
 
     @contextmanager
     def patched(self) -> Iterator[None]:

@@ -92,9 +92,7 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
     sparse, sparse_s = _timed_inversion(teacher, config.iterations, True, labels, seed=0, snapshots=True)
     inverter = SparseInverter(teacher, inversion_config(config.iterations, True), progress=False)
     with frozen(teacher):
-        states = [inverter.start(torch.tensor(labels[:8]), 0) for _ in range(2)]
-        for ratio in [r for _, r in inverter.config.schedule.stages]:
-            inverter.stop(states[1], ratio, torch.rand(states[1].kept.shape))
+        states = [inverter.state_at_stage(labels[:8], 0, stage) for stage in (0, len(inverter.stages))]
         flops = [count_step_flops(lambda i, s=s: inverter.step(s, i)) for s in states]
     with torch.no_grad():
         hits = {name: (teacher(b.normalized()).argmax(1) == b.labels).float().mean().item()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .losses import BASE_METHODS
 from .schedule import StoppingSchedule
+from .selection import SELECTION_POLICIES
 
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("patch", "pixel")
@@ -98,6 +99,10 @@ class InversionConfig(ConfigBase):
     to them (``schedule="paper-scaled"``). ``InversionConfig.preset("paper")`` is the paper's 4000-
     iteration run, ``preset("data-like")`` the recipe that makes a small teacher's inversions look like
     its data (the demo's). Every field is a flag of ``smi invert``/``quantize``/``distill``.
+
+    Which patches a stage removes is the ``selection`` policy (``smi_plugin.selection``): ``smi``
+    (the paper: stop the least-attended), ``random`` (the ablation), ``dense`` (never stop) or
+    ``rebirth`` (Patch Rebirth: detach the most-attended as finished samples; see ``rebirth_divisions``).
     """
 
     iterations: int = option(300, "optimisation steps per batch (the paper: 4000)")
@@ -111,6 +116,11 @@ class InversionConfig(ConfigBase):
                                         "stages scaled to --iterations), 'paper' (50/100/200/300), 'dense', "
                                         "or 'IT:RATIO,...' such as '50:0.3,100:0.3'", metavar="SCHEDULE")
     base_method: str = option("deepinversion", "the dense method being sped up", choices=lambda: sorted(BASE_METHODS))
+    selection: str = option("smi", "which patches a stage removes: smi (least attended are stopped), random, "
+                            "dense (never stop), rebirth (most attended leave as finished samples)",
+                            choices=lambda: sorted(SELECTION_POLICIES))
+    rebirth_divisions: int = option(4, "samples per trajectory for --selection rebirth when the schedule is "
+                                    "dense (otherwise the schedule's stages + 1)")
     ce_weight: float = option(1.0, "weight of the cross-entropy to the target labels")
     tv_l2_weight: float = option(1e-4, "weight of the l2 total variation (the paper: 1e-4)")
     tv_l1_weight: float = option(0.0, "weight of the l1 total variation")
@@ -139,7 +149,7 @@ class InversionConfig(ConfigBase):
     log_every: int = option(10, "iterations between loss records (history and callback)")
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, "iterations", "batch_size", "log_every")
+        check_positive_ints(self, "iterations", "batch_size", "log_every", "rebirth_divisions")
         self.schedule = resolve_schedule(self.schedule, self.iterations)
         self.betas = tuple(float(b) for b in self.betas)
         self.crop_scale = tuple(float(c) for c in self.crop_scale)
@@ -157,6 +167,7 @@ class InversionConfig(ConfigBase):
         if self.warmup_iterations < 0 or self.warmup_iterations >= self.iterations:
             raise ValueError("InversionConfig.warmup_iterations must be in [0, iterations)")
         check_choice(self, "base_method", sorted(BASE_METHODS))
+        check_choice(self, "selection", sorted(SELECTION_POLICIES))
         for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "input_stats_weight",
                      "patch_similarity_weight", "competition_weight"):
             if getattr(self, name) < 0:

@@ -14,12 +14,11 @@ batch size (the authors' code sums norms over the whole batch instead).
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Iterator, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 
 class LossWeights(Protocol):
@@ -123,11 +122,13 @@ class DeepInversion:
         return nullcontext()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor,
-             priors: "ImagePriors | None") -> tuple[torch.Tensor, dict[str, float]]:
+             priors: "ImagePriors | None") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted total loss and its unweighted components (for logging).
 
         ``priors`` gives the whole image's TV and l2 (``ImagePriors`` or the retained-pixel
-        equivalent). Only terms with a non-zero weight are computed.
+        equivalent). Only terms with a non-zero weight are computed. The components are detached
+        0-dim tensors, never Python floats: converting them would wait for the device every
+        iteration, so callers convert only when they log (``loss_floats``).
         """
         cfg = self.config
         ce = F.cross_entropy(logits, labels)
@@ -138,7 +139,7 @@ class DeepInversion:
                 if weight > 0:
                     parts[name] = getattr(priors, name)()
                     total = total + weight * parts[name]
-        return total, {k: v.item() for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}
 
     def needs_images(self) -> bool:
         """Whether ``loss`` needs the full image (only the pixel-space priors do)."""
@@ -167,11 +168,38 @@ def patch_similarity_entropy(features: torch.Tensor, num_heads: int, num_prefix_
     patch = F.normalize(patch, dim=-1)
     similarity = (patch @ patch.transpose(1, 2)).flatten(1)
     with torch.no_grad():
-        grid = torch.linspace(similarity.min().item(), similarity.max().item(), points,
-                              device=features.device, dtype=features.dtype)
+        grid = _linspace(similarity.min(), similarity.max(), points)
     density = torch.exp(-0.5 * ((grid.view(1, -1, 1) - similarity.unsqueeze(1)) / bandwidth) ** 2)
     density = density.mean(-1) / (bandwidth * (2 * torch.pi) ** 0.5) + 1e-4
     return torch.trapezoid(-density * density.log(), grid, dim=-1).mean()
+
+
+def _linspace(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """``torch.linspace`` between two 0-dim tensors, without reading them on the host.
+
+    ``torch.linspace`` takes Python numbers, which would force a device sync every iteration. This
+    reproduces its kernel exactly: ``start + step * i`` for the first half, ``end - step * (steps -
+    1 - i)`` for the rest, each as one fused multiply-add (emulated in float64: the product of two
+    float32 values is exact there), so the values are bit-identical to ``torch.linspace``.
+    """
+    wide = torch.float32 if start.device.type == "mps" else torch.float64  # MPS has no float64
+    step = (end - start) / (steps - 1)
+    index = torch.arange(steps, device=start.device, dtype=wide)
+    values = torch.where(index < steps // 2, start.to(wide) + step.to(wide) * index,
+                         end.to(wide) - step.to(wide) * (steps - 1 - index))
+    return values.to(start.dtype)
+
+
+def loss_floats(parts: dict[str, Any]) -> dict[str, Any]:
+    """``parts`` with every tensor entry as a Python float (one host sync for all), for logging.
+
+    Other entries (iteration numbers, counts) pass through unchanged.
+    """
+    names = [k for k, v in parts.items() if torch.is_tensor(v)]
+    # float64 holds every float32/bf16 value exactly, so these equal ``.item()`` of each part.
+    values = dict(zip(names, torch.stack([parts[k].detach().double().reshape(()) for k in names]).tolist()
+                      if names else []))
+    return {k: values[k] if k in values else v for k, v in parts.items()}
 
 
 @register_base_method("psaq")
@@ -207,5 +235,5 @@ class PSAQViT(DeepInversion):
         total, parts = super().loss(logits, labels, priors)
         entropy = sum(patch_similarity_entropy(f, self._heads, self._prefix) for f in self._features)
         self._features.clear()
-        parts["patch_entropy"] = float(entropy.detach())
+        parts["patch_entropy"] = entropy.detach()
         return total - self.config.patch_similarity_weight * entropy, parts

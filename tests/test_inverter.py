@@ -1,11 +1,14 @@
+import sys
+
 import pytest
 import torch
+from conftest import make_vit
 
 from smi_plugin import InversionConfig, SparseInverter, UnsupportedModelError
+from smi_plugin.augment import roll_flip_patches
 from smi_plugin.batch import InvertedBatch
+from smi_plugin.inverter import check_labels
 from smi_plugin.tokens import images_to_patches, patch_grid
-
-from conftest import make_vit
 
 
 def _config(**overrides):
@@ -65,12 +68,11 @@ def test_dense_is_the_same_path_with_every_patch(tiny_vit):
 
 
 def test_whole_patch_augmentation_equals_rolling_and_flipping_the_image(tiny_vit):
-    inverter = SparseInverter(tiny_vit, _config(jitter=0.25), progress=False)
     grid = patch_grid(tiny_vit)
     images = torch.randn(6, 3, 32, 32)
     patches = images_to_patches(images, grid.patch_size)
     kept = torch.arange(grid.num_patches).expand(6, -1)
-    positions, moved = inverter._augment(kept, patches, torch.Generator().manual_seed(3))
+    positions, moved = roll_flip_patches(kept, patches, grid, 0.25, True, torch.Generator().manual_seed(3))
     placed = torch.empty_like(patches).scatter_(1, positions.unsqueeze(-1).expand_as(moved), moved)
     from smi_plugin.tokens import patches_to_images
     placed = patches_to_images(placed, grid)
@@ -150,3 +152,72 @@ def test_masked_images_fill_exactly_the_stopped_patches():
         expected[..., :4, 4:] = images[..., :4, 4:]  # kept patch (0, 1)
         expected[..., 4:, :4] = images[..., 4:, :4]  # kept patch (1, 0)
         assert torch.equal(batch.masked_images(fill=fill), expected)
+
+
+def _count_host_reads(monkeypatch):
+    """Count reads of tensor values on the host made by smi_plugin's code (on a GPU each one waits
+    for the device). torch's own Adam reads its step counter, a CPU tensor: no device sync."""
+    counts = {"n": 0}
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("smi_plugin"):
+                counts["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return counts
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"base_method": "psaq"}, {"augment": "pixel", "tie_channels": True, "input_stats_weight": 1.0},
+    {"selection": "random", "l2_weight": 1e-3}, {"selection": "rebirth"},
+], ids=["default", "psaq", "pixel", "random", "rebirth"])
+def test_no_host_sync_between_log_points(tiny_vit, monkeypatch, overrides):
+    """Iterations that do not log read nothing on the host: more iterations, same number of reads."""
+    def reads(iterations):
+        config = _config(iterations=iterations, log_every=1000, **overrides)
+        inverter = SparseInverter(tiny_vit, config, progress=False)
+        labels = torch.tensor([0, 1])
+        with monkeypatch.context() as patch:
+            counts = _count_host_reads(patch)
+            inverter.invert(labels)
+        return counts["n"]
+
+    assert reads(10) == reads(30)
+
+
+def test_loss_parts_are_floats_only_in_the_history(tiny_vit):
+    inverter = SparseInverter(tiny_vit, _config(base_method="psaq", competition_weight=0.5),
+                              competitor=make_vit("vit_tiny_patch16_224", seed=1, depth=1, img_size=32,
+                                                  patch_size=4, embed_dim=48, num_heads=3), progress=False)
+    state = inverter.state_at_stage([0, 1], seed=0, stage=0)
+    with inverter.session():
+        _, _, parts = inverter.step(state, 0)
+    assert set(parts) == {"ce", "tv_l2", "patch_entropy", "competition_js"}
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in parts.values())
+    record = inverter.invert([0]).history[-1]
+    assert all(isinstance(record[k], float) for k in parts) and isinstance(record["kept"], int)
+
+
+def test_state_at_stage_has_the_stage_kept_count_and_steps(tiny_vit):
+    inverter = SparseInverter(tiny_vit, _config(), progress=False)
+    counts = [inverter.state_at_stage([0, 1, 2], seed=stage, stage=stage).kept.shape[1]
+              for stage in range(len(inverter.stages) + 1)]
+    assert counts == inverter.kept_counts == [64, 44, 30, 15]
+    state = inverter.state_at_stage(torch.tensor([0, 1]), seed=0, stage=3)
+    before = state.canvas.clone()
+    with inverter.session():
+        inverter.step(state, 7)
+    state.commit()
+    moved = (state.canvas != before).any(-1)
+    assert moved.sum(1).tolist() == [15, 15] and torch.equal(moved.nonzero()[:, 1].view(2, -1), state.kept)
+    with pytest.raises(ValueError, match="stage 4"):
+        inverter.state_at_stage([0], seed=0, stage=4)
+
+
+def test_check_labels_is_public():
+    assert check_labels([1, 2], 3, "cpu").tolist() == [1, 2]
+    with pytest.raises(ValueError, match="outside"):
+        check_labels([3], 3, "cpu")

@@ -1,0 +1,71 @@
+"""The optimised pixel parametrization: channels optimised -> the model's normalized channels.
+
+``ChannelMap`` is the affine map from the optimised patches (one gray channel when channels are
+tied, else the model's channels) to the model's normalized input, the clamp bounds that keep
+pixels in ``[0, 1]``, and the conversion back to pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .tokens import PatchGrid, patches_to_images
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """How optimised patches ``(B, K, Cp*p*p)`` become the model's normalized patches ``(B, K, C*p*p)``.
+
+    Attributes:
+        param_channels: ``Cp``, 1 with tied channels, else the model's channel count.
+        scale, shift: ``(1, 1, C, 1)`` affine map of the tied gray level to each channel (None untied).
+        low, high: ``(1, 1, Cp, 1)`` clamp bounds in the optimised space (pixels 0 and 1).
+        mean, std: ``(1, C, 1, 1)`` the model's input normalization.
+    """
+
+    param_channels: int
+    scale: torch.Tensor | None
+    shift: torch.Tensor | None
+    low: torch.Tensor
+    high: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def build(cls, mean: Sequence[float], std: Sequence[float], tie_channels: bool,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "ChannelMap":
+        """The map for normalization ``mean``/``std``; ``tie_channels`` optimises one gray level."""
+        mean_t = torch.tensor(mean, dtype=dtype, device=device)
+        std_t = torch.tensor(std, dtype=dtype, device=device)
+        pixel_view = (mean_t.view(1, -1, 1, 1), std_t.view(1, -1, 1, 1))
+        if tie_channels:
+            # One gray level g (normalized with the average stats) drives every channel:
+            # pixel = g * std_avg + mean_avg, then each channel renormalizes it.
+            lo, hi = -mean_t.mean() / std_t.mean(), (1 - mean_t.mean()) / std_t.mean()
+            return cls(1, (std_t.mean() / std_t).view(1, 1, -1, 1), ((mean_t.mean() - mean_t) / std_t).view(1, 1, -1, 1),
+                       lo.view(1, 1, 1, 1), hi.view(1, 1, 1, 1), *pixel_view)
+        return cls(len(mean), None, None, (-mean_t / std_t).view(1, 1, -1, 1), ((1 - mean_t) / std_t).view(1, 1, -1, 1),
+                   *pixel_view)
+
+    def to_model(self, patches: torch.Tensor) -> torch.Tensor:
+        """``(B, K, Cp*p*p)`` optimised patches -> ``(B, K, C*p*p)`` in the model's normalized space."""
+        if self.scale is None:
+            return patches
+        b, k, _ = patches.shape
+        gray = patches.reshape(b, k, 1, -1)
+        return (gray * self.scale + self.shift).reshape(b, k, -1)
+
+    def clamp_(self, param: torch.Tensor) -> None:
+        """Clamp optimised patches ``(B, K, Cp*p*p)`` in place to the valid pixel range."""
+        with torch.no_grad():
+            shaped = param.view(param.shape[0], param.shape[1], self.param_channels, -1)
+            torch.maximum(shaped, self.low, out=shaped)
+            torch.minimum(shaped, self.high, out=shaped)
+
+    def to_pixels(self, patches: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+        """Every patch ``(B, N, Cp*p*p)`` -> detached ``(B, C, H, W)`` pixels in ``[0, 1]``."""
+        normalized = patches_to_images(self.to_model(patches), grid)
+        return (normalized * self.std + self.mean).clamp_(0, 1).detach()
