@@ -11,6 +11,10 @@ Two sources are supported, both converted to 32x32 RGB so that the same small Vi
 * ``digits``: scikit-learn's bundled handwritten digits (1797 images, 8x8), split once into a
   fixed, stratified train / held-out partition.
 
+Any other evaluation data comes in through ``load_eval_data``: an image folder (one sub-folder per
+class, as torchvision's ``ImageFolder``) or a ``datasets.save_to_disk`` directory with ``image`` and
+``label`` columns, resized to the teacher's input size.
+
 Train and held-out splits are never mixed: teachers are trained on ``train`` and every accuracy
 this project reports is measured on ``test``.
 """
@@ -45,12 +49,12 @@ _SCATTER_SEEDS = {"train": 0, "test": 1}
 
 @dataclass(frozen=True)
 class ImageSplit:
-    """One split of a real dataset, held compactly as grayscale uint8.
+    """One split of a real dataset, held compactly as uint8.
 
     Attributes:
-        name: dataset name (``"fashion-mnist"`` or ``"digits"``).
+        name: dataset name (``"fashion-mnist"``, ``"digits"``, or the path given to ``load_eval_data``).
         split: ``"train"`` or ``"test"``.
-        pixels: ``(N, 1, 32, 32)`` uint8 grayscale images.
+        pixels: ``(N, C, H, W)`` uint8 images; the packaged datasets are ``(N, 1, 32, 32)`` grayscale.
         labels: ``(N,)`` int64 class indices.
         class_names: one name per class.
     """
@@ -69,9 +73,11 @@ class ImageSplit:
         return len(self.class_names)
 
     def images(self, index: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """RGB float images in [0, 1], shape ``(n, 3, 32, 32)`` (grayscale replicated)."""
+        """Float images in [0, 1], shape ``(n, C, H, W)``; one-channel pixels are replicated to RGB."""
         selected = self.pixels if index is None else self.pixels[index]
-        return selected.float().div_(255.0).expand(-1, 3, -1, -1).contiguous()
+        if selected.shape[1] == 1:
+            selected = selected.expand(-1, 3, -1, -1)
+        return selected.float().div_(255.0).contiguous()
 
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(images in [0, 1], labels)`` in order, for evaluation."""
@@ -84,10 +90,13 @@ class ImageSplit:
         return ImageSplit(self.name, self.split, self.pixels[keep], self.labels[keep], self.class_names)
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the split in [0, 1] pixel units (identical over RGB)."""
+        """Per-channel mean and std of the split in [0, 1] pixel units (grayscale: repeated over RGB)."""
         values = self.pixels.float().div(255.0)
-        mean, std = values.mean().item(), values.std().item()
-        return (mean,) * 3, (std,) * 3
+        if values.shape[1] == 1:
+            mean, std = values.mean().item(), values.std().item()
+            return (mean,) * 3, (std,) * 3
+        per_channel = values.transpose(0, 1).flatten(1)
+        return tuple(per_channel.mean(1).tolist()), tuple(per_channel.std(1).tolist())
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -198,3 +207,124 @@ def _load_digits(split: str) -> ImageSplit:
     chosen = torch.from_numpy(train_idx if split == "train" else test_idx).sort().values
     return ImageSplit("digits", split, _resize_to_32(pixels[chosen].unsqueeze(1)), labels[chosen],
                       DIGITS_CLASSES)
+
+
+class EvalDataError(ValueError):
+    """Evaluation data that cannot be used (missing, empty, wrong columns, too many classes), and why."""
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def load_eval_data(path: str | os.PathLike, image_size: int | tuple[int, int], channels: int = 3,
+                   num_classes: int | None = None) -> ImageSplit:
+    """Real labelled images from disk, at a teacher's input size, for evaluation.
+
+    Args:
+        path: an image folder (``path/CLASS/*.png``: one sub-folder per class, classes in sorted order
+            as torchvision's ``ImageFolder`` and ``datasets``' imagefolder), or a directory written by
+            ``datasets``' ``save_to_disk`` with ``image`` and ``label`` columns (a ``DatasetDict`` is
+            read from its ``test``, ``validation`` or only split).
+        image_size: the teacher's input ``(height, width)`` (or one side); images are resized to it
+            directly (no crop), bilinear with antialiasing.
+        channels: the teacher's input channels (3: RGB, 1: grayscale).
+        num_classes: the teacher's classifier size; more classes in the data is an error.
+
+    Returns:
+        An ``ImageSplit`` named after ``path`` (split ``"test"``), pixels ``(N, channels, H, W)`` uint8.
+
+    Example:
+        >>> split = load_eval_data("my_val/", (224, 224))
+        >>> images, labels = next(split.batches(64))
+    """
+    root = Path(path)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if not root.exists():
+        raise EvalDataError(f"{root} not found; pass an image folder (one sub-folder per class) or a "
+                            "datasets.save_to_disk directory")
+    if not root.is_dir():
+        raise EvalDataError(f"{root} is a file; pass an image folder (one sub-folder per class) or a "
+                            "datasets.save_to_disk directory")
+    if any((root / marker).is_file() for marker in ("state.json", "dataset_dict.json", "dataset_info.json")):
+        images, labels, class_names = _read_saved_dataset(root)
+    else:
+        images, labels, class_names = _read_image_folder(root)
+    if num_classes is not None and len(class_names) > num_classes:
+        raise EvalDataError(f"{root} has {len(class_names)} classes but the model has {num_classes} outputs; "
+                            "evaluate a model with as many classes, or keep only the first "
+                            f"{num_classes} class folders")
+    pixels = torch.stack([_to_tensor(image, size, channels) for image in images])
+    return ImageSplit(str(root), "test", pixels, torch.tensor(labels, dtype=torch.long), tuple(class_names))
+
+
+def _to_tensor(image, size: tuple[int, int], channels: int) -> torch.Tensor:
+    """A PIL image as ``(channels, H, W)`` uint8 at ``size``."""
+    import numpy as np
+
+    image = image.convert("L" if channels == 1 else "RGB")
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    array = array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
+    if tuple(array.shape[1:]) != size:
+        # Torch's antialiased bilinear, the same resize the packaged datasets get.
+        array = F.interpolate(array.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False,
+                              antialias=True).squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+    return array
+
+
+def _read_image_folder(root: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise EvalDataError(f"{root} has no class sub-folders; lay images out as {root}/CLASS_NAME/IMAGE.png "
+                            "(one sub-folder per class), or pass a datasets.save_to_disk directory")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).rglob("*")):
+            if file.suffix.lower() not in IMAGE_EXTENSIONS or not file.is_file():
+                continue
+            try:
+                with Image.open(file) as image:
+                    image.load()
+                    images.append(image.copy())
+            except (UnidentifiedImageError, OSError) as err:
+                raise EvalDataError(f"{file} is not a readable image ({err}); remove or replace it") from err
+            labels.append(label)
+    if not images:
+        raise EvalDataError(f"{root} has class folders {classes[:5]} but no images in them "
+                            f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return images, labels, classes
+
+
+def _read_saved_dataset(root: Path):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except Exception as err:  # datasets raises FileNotFoundError, ValueError or pyarrow errors
+        raise EvalDataError(f"{root} looks like a saved dataset but cannot be loaded ({err})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        split = next((s for s in ("test", "validation", "valid", "val") if s in loaded), None)
+        if split is None and len(loaded) == 1:
+            split = next(iter(loaded))
+        if split is None:
+            raise EvalDataError(f"{root} holds splits {sorted(loaded)}; save the held-out split alone or name "
+                                "it test or validation")
+        loaded = loaded[split]
+    missing = [c for c in ("image", "label") if c not in loaded.column_names]
+    if missing:
+        raise EvalDataError(f"{root} has columns {loaded.column_names} but needs 'image' and 'label'; rename "
+                            "them with dataset.rename_column(OLD, NEW) before save_to_disk")
+    if len(loaded) == 0:
+        raise EvalDataError(f"{root} holds no rows")
+    feature = loaded.features["label"]
+    labels = [int(v) for v in loaded["label"]]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    else:
+        names = [str(i) for i in range(max(labels) + 1)]
+    if min(labels) < 0:
+        raise EvalDataError(f"{root} has negative labels; every row needs a class index")
+    images = loaded.cast_column("image", datasets.Image())["image"] if not isinstance(
+        loaded.features["image"], datasets.Image) else loaded["image"]
+    return list(images), labels, names

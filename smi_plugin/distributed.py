@@ -6,7 +6,9 @@ Each process takes every ``world``-th item (``accelerate``'s process index and c
 finished batch atomically to ``DIR/shards/item-NNNNNN.safetensors`` and skips items already there,
 so a killed run started again with the same command ends with exactly the requested images. When
 all items are done the main process assembles ``DIR`` as a saved ``datasets.Dataset``
-(``datasets.load_from_disk(DIR)``), with ``DIR/manifest.json`` describing the run.
+(``datasets.load_from_disk(DIR)``) with a dataset card ``DIR/README.md`` (YAML front matter: teacher,
+normalization, class names, config, kept fraction) and ``DIR/manifest.json`` describing the run, then
+removes ``DIR/shards``. Running the same command on a finished directory does nothing.
 
 Example (any number of processes, CPUs or GPUs)::
 
@@ -17,8 +19,8 @@ Example (any number of processes, CPUs or GPUs)::
 from __future__ import annotations
 
 import importlib.metadata
-
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,13 +32,16 @@ import torch
 from torch import nn
 
 from .config import InversionConfig
-from .export import FORMAT, to_hf_dataset
+from .export import FORMAT, to_hf_dataset, write_dataset_card
 from .inverter import SparseInverter, derive_seed
 from .batch import InvertedBatch
 from .io import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
+FINISHED = "state.json"  # written last by save_to_disk's files, so its presence means a complete dataset
+
+logger = logging.getLogger(__name__)
 
 
 class OutputDirectoryError(ValueError):
@@ -89,6 +94,11 @@ class ShardDirectory:
     def shard_path(self, item: WorkItem) -> Path:
         return self.shard_dir / f"item-{item.index:06d}.safetensors"
 
+    @property
+    def finished(self) -> bool:
+        """Whether the dataset of this run has been assembled (``state.json`` is moved in last)."""
+        return (self.root / FINISHED).is_file() and (self.root / MANIFEST).is_file()
+
     def claim(self) -> None:
         """Create the directory for this run, or check that it already belongs to this run."""
         manifest_path = self.root / MANIFEST
@@ -105,6 +115,8 @@ class ShardDirectory:
                 raise OutputDirectoryError(
                     f"{self.root} holds a different run (differs in {differing}); resume it with the same "
                     "command, or choose another --out")
+            if self.finished:
+                return
         elif self.root.exists() and any(self.root.iterdir()):
             raise OutputDirectoryError(f"{self.root} is not empty and has no {MANIFEST}: it was not written by "
                                        "`smi invert`; refusing to write into it. Choose another --out")
@@ -161,11 +173,17 @@ class ShardDirectory:
         staging = self.root / ".dataset-staging"
         shutil.rmtree(staging, ignore_errors=True)
         dataset.save_to_disk(str(staging))
+        write_dataset_card(staging, {**self.manifest, "versions": _library_versions()}, dataset)
         names = sorted(p.name for p in staging.iterdir())
-        for name in [n for n in names if n != "state.json"] + ["state.json"]:
+        for name in [n for n in names if n != FINISHED] + [FINISHED]:
             os.replace(staging / name, self.root / name)
         shutil.rmtree(staging, ignore_errors=True)
+        self.remove_shards()
         return self.root
+
+    def remove_shards(self) -> None:
+        """Drop the per-item shards once the dataset holds every row (they would double the disk use)."""
+        shutil.rmtree(self.shard_dir, ignore_errors=True)
 
 
 def distributed_state():
@@ -203,10 +221,20 @@ def invert_to_directory(model: nn.Module, config: InversionConfig, out_dir: str 
     state.wait_for_everyone()
     if not state.is_main_process:
         shards.claim()  # validates only: the main process created the directory
+    if shards.finished:
+        if state.is_main_process:
+            logger.info("%s already holds this finished run; nothing to do", out_dir)
+            shards.remove_shards()  # a run killed between assembling and cleaning up
+        state.wait_for_everyone()
+        return Path(out_dir)
     items = plan_work(labels, config.batch_size, seed)
     mine = items[state.process_index::state.num_processes]
     bar = _progress(len(labels), state.is_main_process and progress)
     started, done_before = time.perf_counter(), _images_done(shards, items)
+    if state.is_main_process:
+        done_items = sum(shards.shard_path(item).is_file() for item in items)
+        if done_items:
+            logger.info("resuming: %d of %d work items already done", done_items, len(items))
     if bar is not None:
         bar.update(done_before)
     for item in mine:

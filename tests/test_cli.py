@@ -68,3 +68,127 @@ def test_help_explains_every_command():
     for command in ("invert", "quantize", "distill", "bench", "train-teacher"):
         result = _smi(command, "--help")
         assert result.returncode == 0 and "usage: smi" in result.stdout
+
+
+# --- bring your own model: a timm ViT as a timm user passes it, and errors a user can act on ---------------------
+
+USER_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+USER_FLAGS = ["--model-kwargs", "img_size=32", "patch_size=4", "embed_dim=96", "depth=4", "num_heads=3"]
+
+
+@pytest.fixture(scope="module")
+def user_checkpoints(tmp_path_factory):
+    """A user's own timm ViT saved to safetensors, plus broken and foreign checkpoint files."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, **USER_VIT)
+    save_file(model.state_dict(), str(folder / "mine.safetensors"))
+    (folder / "random.safetensors").write_bytes(os.urandom(256))
+    (folder / "random.pth").write_bytes(os.urandom(256))
+    torch.save({"epoch": 3, "notes": "not weights"}, folder / "foreign.pth")
+    return folder
+
+
+def test_a_users_timm_vit_inverts_with_its_normalization(tmp_path, user_checkpoints):
+    out = tmp_path / "out"
+    result = _smi("invert", "--teacher", "vit_tiny_patch16_224", "--checkpoint",
+                  str(user_checkpoints / "mine.safetensors"), "--num-classes", "10", *USER_FLAGS,
+                  "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25", "--num-images", "4",
+                  "--iterations", "5", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mean"] == [0.5] * 3 and manifest["std"] == [0.25] * 3 and manifest["num_images"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "resnet18"], "ResNet is not supported"),
+    (["--teacher", "swin_tiny_patch4_window7_224"], "SwinTransformer is not supported"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/mine.safetensors"],
+     "pos_embed: checkpoint (1, 65, 96) vs model (1, 197, 192)"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/mine.safetensors"],
+     "--model-kwargs img_size=32 patch_size=4 embed_dim=96 depth=4"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/mine.safetensors", *USER_FLAGS],
+     "head.weight: checkpoint (10, 96) vs model (1000, 96)"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/random.safetensors"], "not a valid safetensors file"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/random.pth"], "not a torch checkpoint"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/foreign.pth"], "not a state dict of tensors"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/missing.pth"], "checkpoint not found: "),
+    (["--teacher", "vit_tiny_patch16_224", "--model-kwargs", "img_size"], "KEY=VALUE"),
+    (["--teacher", "vit_tiny_patch16_224", "--mean", "0.5", "--std", "0.2"], "one value per input channel"),
+    (["--teacher", "digits-vit", "--labels", "-1,3"], "outside the valid range 0..9"),
+    (["--teacher", "digits-vit", "--labels=-1,3"], "outside the valid range 0..9"),
+    (["--teacher", "digits-vit", "--labels", "0,10"], "outside the valid range 0..9"),
+    (["--teacher", "digits-vit", "--num-images", "-5"], "must be a positive integer, got -5"),
+])
+def test_bring_your_own_model_errors_are_one_actionable_line(tmp_path, user_checkpoints, args, message):
+    out = tmp_path / "never"
+    args = [a.replace("CK/", f"{user_checkpoints}/") for a in args]
+    if "--labels" not in " ".join(args) and "--num-images" not in args:
+        args += ["--num-images", "2"]
+    result = _smi("invert", *args, "--iterations", "2", "--out", str(out))
+    assert result.returncode != 0, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+    assert "weights_only=False" not in result.stderr
+    assert not out.exists()
+
+
+def test_help_shows_every_default_and_every_zoo_teacher():
+    import argparse
+
+    from smi_plugin.cli import build_parser
+    from smi_plugin.zoo import zoo_names
+
+    text = _smi("invert", "--help").stdout
+    flat = re.sub(r"-\s+", "-", " ".join(text.split()))  # argparse wraps lines at hyphens too
+    assert all(name in flat for name in zoo_names()) and "--model-kwargs KEY=VALUE" in flat
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["invert"]
+    undocumented = [a.option_strings[0] for a in sub._actions if a.option_strings and a.dest != "help"
+                    and "(default:" not in (a.help or "") and "(required)" not in (a.help or "")]
+    assert undocumented == []
+
+
+def test_model_kwargs_are_python_literals():
+    from smi_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["invert", "--out", "x", "--model-kwargs", "img_size=32", "drop_rate=0.1",
+                                      "global_pool=avg", "class_token=True", "img_size2=(32, 48)"])
+    assert args.model_kwargs == {"img_size": 32, "drop_rate": 0.1, "global_pool": "avg", "class_token": True,
+                                 "img_size2": (32, 48)}
+
+
+def test_evaluation_split_order(tmp_path):
+    import argparse
+
+    from smi_plugin import load_teacher
+    from smi_plugin.cli.common import evaluation_split
+    from smi_plugin.cli.options import CLIError
+
+    teacher = load_teacher("digits-vit")
+    zoo = evaluation_split(argparse.Namespace(eval_data=None), teacher)
+    assert zoo.name == "digits" and zoo.split == "test"
+    _write_image_folder(tmp_path / "val", ["a", "b"], size=20)
+    mine = evaluation_split(argparse.Namespace(eval_data=str(tmp_path / "val"), dataset="fashion-mnist"), teacher)
+    assert mine.class_names == ("a", "b") and mine.images().shape == (4, 3, 32, 32)
+    plain = load_teacher("vit_tiny_patch16_224", num_classes=3, **USER_VIT)
+    assert evaluation_split(argparse.Namespace(eval_data=None), plain) is None
+    with pytest.raises(CLIError, match="--eval-data: .* not found"):
+        evaluation_split(argparse.Namespace(eval_data=str(tmp_path / "nope")), teacher)
+    _write_image_folder(tmp_path / "many", [f"c{i}" for i in range(4)], size=20)
+    with pytest.raises(CLIError, match="4 classes but the model has 3 outputs"):
+        evaluation_split(argparse.Namespace(eval_data=str(tmp_path / "many")), plain)
+
+
+def _write_image_folder(root, classes, size=20, per_class=2):
+    import numpy as np
+    from PIL import Image
+
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(np.full((size, size, 3), 40 * i, dtype=np.uint8)).save(root / name / f"{i}.png")

@@ -68,3 +68,70 @@ def test_scattered_fashion_mnist_keeps_labels_and_darkens_the_canvas(tmp_path):
     assert ((share > 0.18) & (share < 0.38)).all()
     train = load_split("fashion-mnist-scattered", "train", data_dir=tmp_path)
     assert not torch.equal(train.pixels, scattered.pixels)  # each split has its own placements
+
+
+def _image_folder(root, classes, sizes=((20, 30),), mode="RGB"):
+    import numpy as np
+    from PIL import Image
+
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            array = np.full((h, w, 3), 20 * label + i, dtype=np.uint8)
+            Image.fromarray(array).convert(mode).save(root / name / f"img{i}.png")
+
+
+def test_image_folder_is_read_in_sorted_class_order_at_the_teachers_size(tmp_path):
+    from smi_plugin.data import load_eval_data
+
+    _image_folder(tmp_path / "val", ["zebra", "ant", "cat"], sizes=((20, 30), (64, 64)), mode="L")
+    (tmp_path / "val" / "ant" / "notes.txt").write_text("not an image")
+    split = load_eval_data(tmp_path / "val", (32, 48))
+    assert split.class_names == ("ant", "cat", "zebra")  # sorted, as torchvision's ImageFolder
+    assert split.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert split.pixels.shape == (6, 3, 32, 48) and split.pixels.dtype == torch.uint8
+    # Written in the order zebra, ant, cat (values 0, 20, 40); read back in sorted order.
+    assert [round(split.pixels[i].float().mean().item()) for i in (0, 2, 4)] == [20, 40, 0]
+    images = split.images()
+    assert images.shape == (6, 3, 32, 48) and 0 <= images.min() and images.max() <= 1
+    gray = load_eval_data(tmp_path / "val", 16, channels=1)
+    assert gray.pixels.shape == (6, 1, 16, 16)
+
+
+def test_saved_hf_dataset_with_image_and_label_columns(tmp_path):
+    import datasets
+    import numpy as np
+
+    from smi_plugin.data import load_eval_data
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["no", "yes"])})
+    rows = {"image": [np.full((10, 10, 3), v, dtype=np.uint8) for v in (0, 255, 128)], "label": [1, 0, 1]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    split = load_eval_data(tmp_path / "ds", 8)
+    assert split.class_names == ("no", "yes") and split.labels.tolist() == [1, 0, 1]
+    assert split.pixels.shape == (3, 3, 8, 8) and int(split.pixels[1].min()) == 255
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features),
+                          "test": datasets.Dataset.from_dict(rows, features=features).select([0])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_eval_data(tmp_path / "dd", 8)) == 1  # the test split of a DatasetDict
+
+
+def test_eval_data_errors_say_what_to_do(tmp_path):
+    import datasets
+
+    from smi_plugin.data import EvalDataError, load_eval_data
+
+    with pytest.raises(EvalDataError, match="not found"):
+        load_eval_data(tmp_path / "missing", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalDataError, match="no class sub-folders"):
+        load_eval_data(tmp_path / "empty", 32)
+    (tmp_path / "hollow" / "a").mkdir(parents=True)
+    with pytest.raises(EvalDataError, match="no images"):
+        load_eval_data(tmp_path / "hollow", 32)
+    datasets.Dataset.from_dict({"img": [1], "y": [0]}).save_to_disk(str(tmp_path / "columns"))
+    with pytest.raises(EvalDataError, match="needs 'image' and 'label'"):
+        load_eval_data(tmp_path / "columns", 32)
+    _image_folder(tmp_path / "many", ["a", "b", "c"])
+    with pytest.raises(EvalDataError, match="3 classes but the model has 2 outputs"):
+        load_eval_data(tmp_path / "many", 32, num_classes=2)

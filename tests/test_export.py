@@ -63,3 +63,30 @@ def test_saved_dataset_feeds_the_kd_stream_and_calibration(tmp_path, exported):
     assert torch.allclose(torch.stack([r["pixel_values"] for r in rows]), batch.normalized(), atol=1e-6)
     calibration = SparseInvertedCalibrationDataset.from_hf(str(tmp_path / "ds"))
     assert torch.equal(calibration.patch_mask, batch.patch_mask)
+
+
+def test_hub_conventions_image_column_and_dataset_card(tmp_path, exported):
+    import datasets
+    import yaml
+
+    from smi_plugin.export import write_dataset_card
+
+    batch, dataset = exported
+    dataset.save_to_disk(str(tmp_path / "ds"))
+    card = write_dataset_card(tmp_path / "ds", {**load_inverted(dataset).manifest, "seed": 0}, dataset)
+    loaded = datasets.load_from_disk(str(tmp_path / "ds"))
+    assert loaded.column_names[0] == "image" and isinstance(loaded.features["image"], datasets.Image)
+    assert isinstance(loaded.features["preview"], datasets.Image)
+    first = loaded[0]["image"]
+    assert first.size == (32, 32)
+    # The full image (not the masked preview): stopped patches keep their pixels.
+    assert torch.equal(torch.tensor(list(first.getdata()), dtype=torch.float32).view(32, 32, 3).permute(2, 0, 1),
+                       (batch.images[0] * 255).round().clamp(0, 255))
+    text = card.read_text()
+    assert card.name == "README.md" and text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert front["task_categories"] == ["image-classification"]
+    meta = front["smi_plugin"]
+    assert meta["teacher"] == "tiny" and meta["class_names"][9] == "c9" and meta["mean"] == list(batch.mean)
+    assert meta["kept_fraction"] == pytest.approx(batch.patch_mask.float().mean().item(), abs=1e-3)
+    assert "not normalized" in text

@@ -63,3 +63,54 @@ def test_cards_record_the_recipe():
         card = json.loads(card_path(name).read_text())
         assert {"architecture", "recipe", "mean", "std", "heldout_top1"} <= set(card)
         assert card["recipe"]["seed"] == 0
+
+
+USER_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3}
+
+
+def test_users_normalization_lands_in_pretrained_cfg_and_pth_checkpoints_load(tmp_path):
+    import timm
+
+    from smi_plugin.images import model_normalization
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, **USER_VIT)
+    # A timm train.py / DDP style checkpoint: wrapped in "state_dict", keys prefixed by "module.".
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "ckpt.pth")
+    mine = load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "ckpt.pth"), num_classes=5,
+                        mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), **USER_VIT)
+    assert model_normalization(mine) == ((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(mine(x), model.eval()(x))
+    with pytest.raises(TeacherError, match="both --mean and --std"):
+        load_teacher("vit_tiny_patch16_224", mean=(0.5, 0.5, 0.5))
+    with pytest.raises(TeacherError, match="must be positive"):
+        load_teacher("vit_tiny_patch16_224", mean=(0.5,) * 3, std=(0.0, 1.0, 1.0))
+    with pytest.raises(TeacherError, match="fixed architecture"):
+        load_teacher("digits-vit", num_classes=3)
+
+
+def test_broken_checkpoints_are_named_for_what_they_are(tmp_path):
+    import os
+
+    import timm
+    from safetensors.torch import save_file
+
+    (tmp_path / "noise.safetensors").write_bytes(os.urandom(200))
+    with pytest.raises(TeacherError, match="not a valid safetensors file"):
+        load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "noise.safetensors"))
+    (tmp_path / "noise.pth").write_bytes(os.urandom(200))
+    with pytest.raises(TeacherError, match="not a torch checkpoint") as err:
+        load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "noise.pth"))
+    assert "weights_only=False" not in str(err.value)
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(TeacherError, match="not a state dict of tensors"):
+        load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "list.pth"))
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=10, **USER_VIT).state_dict(),
+              str(tmp_path / "small.safetensors"))
+    with pytest.raises(TeacherError) as err:
+        load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "small.safetensors"))
+    message = str(err.value)
+    assert "pos_embed: checkpoint (1, 65, 96) vs model (1, 197, 192)" in message
+    assert "--model-kwargs img_size=32 patch_size=4 embed_dim=96 depth=4" in message and "--num-classes 10" in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Sequence
 
 from . import bench, distill, invert, quantize, teacher
@@ -36,4 +37,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args.func(args)
+    try:
+        args.func(args)
+    except CLIError as err:  # one line, argparse's exit status for usage errors
+        print(err.code, file=sys.stderr)
+        raise SystemExit(2) from None

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ..distributed import OutputDirectoryError, distributed_state, invert_to_directory
-from ..export import load_inverted, push_to_hub
+from ..export import CARD_FILE, load_inverted, push_to_hub
 from ..visualize import save_grid
 from .common import add_inversion_arguments, add_teacher_arguments, inversion_config, load_teacher_from_args, parse_labels
 from .options import CLIError, positive_int
@@ -22,14 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_inversion_arguments(parser)
     group = parser.add_argument_group("output")
     group.add_argument("--num-images", type=positive_int, default=None,
-                       help="images to invert, labels balanced over classes")
-    group.add_argument("--labels", default=None, help="explicit comma-separated labels (instead of --num-images); "
-                       "write --labels=0,3 when the first label is negative")
-    group.add_argument("--out", required=True, help="output directory (a saved datasets.Dataset when done)")
-    group.add_argument("--parquet", default=None, help="also write the rows to this Parquet file")
-    group.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 images")
-    group.add_argument("--push-to-hub", default=None, metavar="REPO", help="push the dataset to this Hub repo")
-    group.add_argument("--quiet", action="store_true", help="no progress bar")
+                       help="images to invert, labels balanced over classes (default: none; give this or --labels)")
+    group.add_argument("--labels", default=None, metavar="L,L,...",
+                       help="explicit comma-separated class indices instead of --num-images, e.g. --labels 0,3,9 "
+                            "or --labels=0,3,9 (default: none)")
+    group.add_argument("--out", required=True,
+                       help="output directory: a saved datasets.Dataset with a dataset card README.md when done "
+                            "(required)")
+    group.add_argument("--parquet", default=None, help="also write the rows to this Parquet file (default: none)")
+    group.add_argument("--grid", default=None,
+                       help="also write a PNG grid of the first 64 images, titled with class names (default: none)")
+    group.add_argument("--push-to-hub", default=None, metavar="REPO",
+                       help="push the dataset and its card to this Hub repo (default: none)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
     parser.set_defaults(func=run)
 
 
@@ -48,11 +53,12 @@ def run(args: argparse.Namespace) -> None:
     if args.parquet:
         inverted.dataset.to_parquet(args.parquet)
     if args.grid:
-        save_grid(batch.select(range(min(64, len(batch)))), args.grid)
+        save_grid(batch.select(range(min(64, len(batch)))), args.grid, class_names=inverted.class_names)
     print(f"wrote {len(inverted)} inverted images with {distributed_state().num_processes} process(es) to {out} "
           f"(datasets.load_from_disk); kept {batch.patch_mask.float().mean().item():.1%} of patches")
     if args.push_to_hub:
         try:
-            push_to_hub(inverted.dataset, args.push_to_hub)
+            card = out / CARD_FILE
+            push_to_hub(inverted.dataset, args.push_to_hub, card=card.read_text() if card.is_file() else None)
         except ConnectionError as err:
             raise CLIError(str(err)) from err

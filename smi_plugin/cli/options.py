@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -138,3 +139,38 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
+
+
+def literal(text: str) -> Any:
+    """A command-line value as a Python literal (``32``, ``0.5``, ``(224, 224)``, ``True``), else the text."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+class KeyValueAction(argparse.Action):
+    """``--flag KEY=VALUE ...`` into a dict, values read by ``literal`` (timm's train.py convention)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        result = dict(getattr(namespace, self.dest, None) or {})
+        for pair in values:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.isidentifier():
+                raise CLIError(f"{option_string} takes KEY=VALUE pairs (e.g. img_size=32 patch_size=4), got {pair!r}")
+            result[key] = literal(value)
+        setattr(namespace, self.dest, result)
+
+
+# argparse reads an argument such as "-1,3" as an unknown flag (it only takes "-1" or "-0.5" as
+# negative numbers), so `--labels -1,3` failed with "expected one argument". This pattern also
+# accepts comma-separated integer lists; our parsers define no flag that looks like a number.
+NEGATIVE_NUMBER_OR_LIST = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d+(\s*,\s*-?\d+)*,?$")
+
+
+def accept_negative_lists(parser: argparse.ArgumentParser) -> None:
+    """Let ``parser`` take values like ``-1,3`` (so the label check, not argparse, reports them)."""
+    parser._negative_number_matcher = NEGATIVE_NUMBER_OR_LIST  # argparse has no public hook for this

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,15 +121,23 @@ def load_card(name: str) -> dict[str, Any]:
 
 
 def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | None = None,
-                 num_classes: int | None = None, **model_kwargs: Any) -> nn.Module:
+                 num_classes: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, **model_kwargs: Any) -> nn.Module:
     """Create a teacher by zoo name or any timm model name, in eval mode.
 
     Args:
         name: a zoo name (``fashion-mnist-vit``, ``digits-vit``) or a timm model name.
         pretrained: for timm names, load timm's pretrained weights (downloads from the hub).
-        checkpoint_path: for timm names, a local checkpoint (``.safetensors``/``.pth``) to load.
+        checkpoint_path: for timm names, a local checkpoint (``.safetensors``, or a ``.pth``/``.pt``
+            state dict, optionally under a ``state_dict``/``model``/``state_dict_ema`` key) to load.
         num_classes: classifier size for timm names (defaults to the model's).
-        **model_kwargs: forwarded to ``timm.create_model``.
+        mean, std: the normalization the weights were trained with, per channel in ``[0, 1]`` pixel
+            units; stored in ``model.pretrained_cfg`` so inversion, calibration and evaluation all use it.
+        **model_kwargs: forwarded to ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``...).
+
+    Raises:
+        TeacherError: unknown name, missing/corrupt/mismatched checkpoint, bad normalization; the
+            message says what to change.
     """
     import timm
 
@@ -136,6 +145,9 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
         if pretrained or checkpoint_path:
             raise TeacherError(f"{name!r} is a zoo teacher and carries its own weights; "
                                "drop --pretrained/--checkpoint")
+        if num_classes is not None or model_kwargs:
+            raise TeacherError(f"{name!r} is a zoo teacher with a fixed architecture; drop --num-classes/"
+                               "--model-kwargs, or pass its timm architecture name with --checkpoint")
         card = load_card(name)
         overlay = dict(file=str(weights_path(name)), num_classes=card["num_classes"],
                        mean=tuple(card["mean"]), std=tuple(card["std"]), input_size=(3, 32, 32),
@@ -143,27 +155,131 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
         model = timm.create_model(card["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
                                   **card["model_kwargs"])
         model.pretrained_cfg["zoo_name"] = name
-        return model.eval()
+        return _set_normalization(model, mean, std).eval()
 
     if not timm.is_model(name):
         raise TeacherError(f"unknown teacher {name!r}: not a zoo teacher ({zoo_names()}) and not a timm "
                            "model name (see `timm.list_models()`)")
     if num_classes is not None:
         model_kwargs["num_classes"] = num_classes
+    state_dict = _read_checkpoint(checkpoint_path) if checkpoint_path else None  # before any model is built
     try:
         model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
-        if checkpoint_path:
-            timm.models.load_checkpoint(model, checkpoint_path)
-    except FileNotFoundError as err:
-        raise TeacherError(f"checkpoint not found: {err}") from err
-    except RuntimeError as err:
-        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
-            raise TeacherError(
-                f"checkpoint {checkpoint_path} does not match {name} "
-                f"(num_classes={model_kwargs.get('num_classes', 'default')}): {str(err).splitlines()[0]} ... "
-                "Check the architecture name and --num-classes.") from err
-        raise
-    return model.eval()
+    except TypeError as err:  # an unknown keyword reaches a model constructor
+        raise TeacherError(f"{name} does not accept --model-kwargs {model_kwargs}: {err}") from err
+    if state_dict is not None:
+        _load_matching(model, state_dict, name, checkpoint_path)
+    return _set_normalization(model, mean, std).eval()
+
+
+def _set_normalization(model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
+    """Record ``mean``/``std`` in ``pretrained_cfg``: every later step reads normalization from there."""
+    if mean is None and std is None:
+        return model
+    if mean is None or std is None:
+        raise TeacherError("give both --mean and --std (the normalization the weights were trained with)")
+    channels = int(getattr(getattr(model, "patch_embed", None), "proj", nn.Conv2d(3, 1, 1)).in_channels)
+    for label, values in (("mean", mean), ("std", std)):
+        if len(values) != channels:
+            raise TeacherError(f"--{label} needs one value per input channel ({channels}), got {list(values)}")
+    if any(float(s) <= 0 for s in std):
+        raise TeacherError(f"--std values must be positive, got {list(std)}")
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    model.pretrained_cfg = cfg
+    return model
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch checkpoint, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"checkpoint not found: {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    # safetensors starts with an 8-byte little-endian header length then '{'; sniffing (rather than
+    # trusting the suffix) lets a renamed file still load and gives the right message when corrupt.
+    looks_safetensors = path.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{")
+    if looks_safetensors:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as err:  # safetensors raises SafetensorError, OSError or ValueError
+            raise TeacherError(f"checkpoint {path} is not a valid safetensors file ({err}); re-save it with "
+                               "safetensors.torch.save_file(model.state_dict(), PATH)") from err
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and unpickler errors all mean "not a plain state dict"
+        raise TeacherError(f"checkpoint {path} is not a torch checkpoint holding a state dict of tensors "
+                           f"({type(err).__name__}); save one with torch.save(model.state_dict(), PATH) or "
+                           "safetensors.torch.save_file(model.state_dict(), PATH)") from err
+    if isinstance(loaded, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # timm/train.py and common trainers
+            if isinstance(loaded.get(key), dict):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, dict) or not loaded or not all(torch.is_tensor(v) for v in loaded.values()):
+        raise TeacherError(f"checkpoint {path} is a torch file but not a state dict of tensors (got "
+                           f"{type(loaded).__name__}); save one with torch.save(model.state_dict(), PATH)")
+    # DataParallel/DistributedDataParallel and torch.compile prefix every key.
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in loaded.items()}
+
+
+def checkpoint_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between a model's parameters and a state dict (empty: they match)."""
+    own = model.state_dict()
+    # The shapes that reveal the architecture (input size, patch size, width, classes) come first.
+    telling = ("pos_embed", "head.weight", "patch_embed.proj.weight")
+    order = sorted(own, key=lambda k: telling.index(k) if k in telling else len(telling))
+    problems = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in order if k in state_dict and state_dict[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing:
+        problems.append(f"missing from checkpoint: {_few(missing)}")
+    if unexpected:
+        problems.append(f"not in model: {_few(unexpected)}")
+    return problems
+
+
+def _few(keys: list[str], limit: int = 4) -> str:
+    return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _suggest_architecture(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> str:
+    """The ``--model-kwargs``/``--num-classes`` a ViT checkpoint implies, read from its tensor shapes."""
+    hints: list[str] = []
+    proj = state_dict.get("patch_embed.proj.weight")
+    pos = state_dict.get("pos_embed")
+    if proj is not None and proj.ndim == 4:
+        patch = int(proj.shape[-1])
+        if pos is not None and pos.ndim == 3:
+            prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+            side = math.isqrt(max(int(pos.shape[1]) - prefix, 0))
+            if side * side == int(pos.shape[1]) - prefix and side:
+                hints.append(f"img_size={side * patch}")
+        hints += [f"patch_size={patch}", f"embed_dim={int(proj.shape[0])}"]
+    depth = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if depth:
+        hints.append(f"depth={max(depth) + 1}")
+    text = f"--model-kwargs {' '.join(hints)} (and num_heads=...)" if hints else \
+        "--model-kwargs img_size=... patch_size=... embed_dim=... depth=... num_heads=..."
+    head = state_dict.get("head.weight")
+    if head is not None and head.ndim == 2:
+        text += f" --num-classes {int(head.shape[0])}"
+    else:
+        text += " --num-classes N"
+    return text
+
+
+def _load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], name: str, path: str | Path) -> None:
+    problems = checkpoint_mismatch(model, state_dict)
+    if problems:
+        raise TeacherError(f"checkpoint {path} does not match {name} as created: {'; '.join(problems[:4])}"
+                           f"{f' (and {len(problems) - 4} more)' if len(problems) > 4 else ''}. Create the model the checkpoint was trained "
+                           f"as, e.g. {_suggest_architecture(model, state_dict)}")
+    model.load_state_dict(state_dict)
 
 
 def _augment(images: torch.Tensor, recipe: TeacherRecipe, generator: torch.Generator) -> torch.Tensor:
