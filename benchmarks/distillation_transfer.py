@@ -28,13 +28,12 @@ import time
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
-from smi_plugin.batch import balanced_labels
+from smi_plugin.batch import InvertedBatch, balanced_labels
 from smi_plugin.cli.common import add_inversion_arguments, inversion_config
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer, Pool, linear_probe_student
+from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
 from smi_plugin.evaluation import evaluate_accuracy
-from smi_plugin.images import model_normalization, normalize
-from smi_plugin.batch import InvertedBatch
+from smi_plugin.images import model_normalization
 from smi_plugin.io import atomic_write_text
 from smi_plugin.tokens import patch_grid
 from smi_plugin.zoo import RECIPES, load_card
@@ -67,25 +66,17 @@ def make_student(args, teacher):
                              num_classes=classes)
 
 
-def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int = 0) -> Pool:
+def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int = 0) -> InvertedBatch:
     """``size`` random real training images, every patch kept (labels unused: KD asks the teacher)."""
     train = load_split(dataset, "train")
     index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]
-    images = train.images(index)
-    pool = Pool()
-    pool.add(normalize(images, mean, std), torch.ones(len(index), *patch_grid(teacher).grid_size, dtype=torch.bool),
-             train.labels[index])
-    return pool
+    return InvertedBatch.from_images(train.images(index), patch_grid(teacher), mean, std, train.labels[index])
 
 
 def distil(args, teacher, batches, test, mean, std) -> dict:
-    if args.mode == "linear-probe":
-        kd = DistillConfig(mode="linear-probe", steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
-                           mixup=args.mixup)
-    else:
-        kd = DistillConfig(mode="full", optimizer="adamw", lr=1e-3, weight_decay=0.05, steps=args.steps,
-                           epochs=args.epochs, batch_size=64, lr_schedule="cosine", eval_every=args.eval_every,
-                           mixup=args.mixup)
+    overrides = {} if args.mode == "linear-probe" else {"lr": 1e-3}  # the published rows' full-KD lr
+    kd = DistillConfig.for_mode(args.mode, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
+                                mixup=1.0 if args.mixup else 0.0, **overrides)
     history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
     return {"images": history["pool_size"][-1][1], "final_top1": history["eval"][-1][1],
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
@@ -128,9 +119,7 @@ def main() -> None:
     for size in [int(s) for s in args.pool_sizes.split(",")]:
         if size > len(pool):
             continue
-        subset = InvertedBatch(pool.images[:size], pool.patch_mask[:size], pool.labels[:size],
-                               pool.kept_indices[:size], pool.mean, pool.std)
-        run = distil(args, teacher, [subset], test, mean, std)
+        run = distil(args, teacher, pool.select(range(size)), test, mean, std)
         results["sparse_by_size"].append(run)
     reaching = [r["images"] for r in results["sparse_by_size"] + [results["sparse_same_compute"]]
                 if r["best_top1"] >= target]

@@ -12,9 +12,16 @@ import argparse
 from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_teacher
 from smi_plugin.batch import balanced_labels
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
+from smi_plugin.distill import (
+                         DistillConfig,
+                         KDTrainer,
+                         failed,
+                         linear_probe_student,
+                         save_student,
+)
 from smi_plugin.evaluation import evaluate_accuracy
 from smi_plugin.images import model_normalization
+from smi_plugin.zoo import load_card
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--images", type=int, default=256)
@@ -35,5 +42,10 @@ student = linear_probe_student(backbone, num_classes=10)
 trainer = KDTrainer(teacher, student, DistillConfig(mode="linear-probe", steps=args.steps, eval_every=50),
                     test, mean, std, out_dir=args.out)
 history = trainer.fit([pool])
+accuracy = history["eval"][-1][1]
+card = load_card("fashion-mnist-backbone")  # the student's architecture is its backbone's
+save_student(student, args.out, {"architecture": card["architecture"], "model_kwargs": card["model_kwargs"],
+                                 "num_classes": 10, "mean": mean, "std": std, "accuracy": accuracy})
 print(f"teacher {evaluate_accuracy(teacher, test, mean, std):.2%}; student after KD on "
-      f"{args.images} inverted images: {history['eval'][-1][1]:.2%} (curve: {args.out}/learning_curve.png)")
+      f"{args.images} inverted images: {accuracy:.2%}{' (FAILED: near chance)' if failed(accuracy, 10) else ''} "
+      f"(curve: {args.out}/learning_curve.png, student: {args.out}/student.safetensors)")

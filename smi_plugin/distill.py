@@ -1,39 +1,51 @@
-"""Data-free knowledge distillation: an inverted-data stream and a generic KD trainer.
+"""Data-free knowledge distillation: a KD trainer over inverted images, judged on real held-out images.
 
 * ``kd_loss``: ``KL(softmax(t/T) || softmax(s/T)) * T^2`` (T = 20 by default, as the paper).
-* ``distillation_stream``: a ``datasets.IterableDataset`` of inverted samples, produced on the fly
-  by the inverter (one shard per list of work items, so ``split_dataset_by_node`` and DataLoader
-  workers get distinct shards) or read from an exported dataset.
+* ``DistillConfig``: every setting, one set of defaults for Python and ``smi distill`` (whose
+  flags are generated from it); ``DistillConfig.for_mode("full")`` is the from-scratch recipe.
+* ``sample_batch``/``augment_batch``, ``build_optimizer``, ``learning_rate``: the trainer's pieces, as functions.
 * ``KDTrainer``: any teacher and student ``nn.Module`` on accelerate (CPU, one GPU or many). ViT
   students see only retained tokens (``forward_kept_tokens``), others see images with stopped
-  patches set to 0 (the dataset mean). Modes: ``linear-probe`` (frozen backbone, new head, the
-  paper's setting) and ``full``. Sources: a fixed pool of inverted images, or the paper's
-  alternating schedule (invert a batch, take KD steps, repeat). Periodic evaluation on real
-  held-out images, checkpoints, exact resume, a progress bar and learning-curve PNGs.
+  patches set to 0 (the dataset mean). Data sources (``DistillConfig.source``): ``pool`` (a fixed
+  pool of inverted images, an ``InvertedBatch``), ``alternating`` (the paper's: invert a batch,
+  take KD steps, repeat) and ``online`` (a pool under continual inversion, ``OnlinePool``).
+* ``save_student``/``load_student``: the student as ``student.safetensors`` + ``student.json``.
+
+The inverted-data streams moved to ``smi_plugin.stream`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import InversionConfig
+from .batch import InvertedBatch, balanced_labels
+from .config import ConfigBase, check_choice, check_positive_ints, option
 from .data import ImageSplit
 from .evaluation import evaluate_accuracy
 from .inverter import SparseInverter, derive_seed
 from .io import atomic_path, atomic_write_text
+from .online import OnlinePool
+from .progress import progress_bar
+from .stream import distillation_stream, stream_from_inverted  # noqa: F401  (public here too)
 from .tokens import UnsupportedModelError, check_vit, forward_kept_tokens
 
+logger = logging.getLogger(__name__)
+
 MODES = ("linear-probe", "full")
-SOURCES = ("pool", "alternating")
+SOURCES = ("pool", "alternating", "online")
+OPTIMIZERS = ("sgd", "adamw")
+FAILURE_FACTOR = 1.5  # a student under 1.5x chance accuracy has failed
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0) -> torch.Tensor:
@@ -57,137 +69,139 @@ def forward_sparse(model: nn.Module, pixel_values: torch.Tensor, patch_mask: tor
     return forward_kept_tokens(model, pixel_values, patch_mask)
 
 
-# ------------------------------------------------------------------------------------- stream
-def _invert_shard(items: list[dict], teacher: nn.Module, config: dict, with_logits: bool) -> Iterator[dict]:
-    inverter = SparseInverter(teacher, InversionConfig.from_dict(config), progress=False)
-    for item in items:
-        batch = inverter.invert(item["labels"], seed=item["seed"])
-        pixels = batch.normalized()
-        logits = forward_kept_tokens(teacher, pixels, batch.patch_mask).detach() if with_logits else None
-        for row in range(len(batch)):
-            sample = {"pixel_values": pixels[row].cpu().numpy(), "patch_mask": batch.patch_mask[row].cpu().numpy(),
-                      "label": int(batch.labels[row]), "seed": int(item["seed"]), "item": int(item["index"])}
-            if with_logits:
-                sample["teacher_logits"] = logits[row].cpu().numpy()
-            yield sample
-
-
-def distillation_stream(teacher: nn.Module, config: InversionConfig, labels: Sequence[int], seed: int = 0,
-                        num_shards: int = 2, with_logits: bool = False):
-    """A ``datasets.IterableDataset`` inverting ``labels`` on the fly, in ``num_shards`` shards.
-
-    Work items are the same as ``smi invert``'s (batches of ``config.batch_size`` seeded from
-    ``seed`` and their index) and spread round-robin over shards; choose ``num_shards`` as a
-    multiple of the number of processes so ``split_dataset_by_node`` gives each a whole share.
-
-    Example:
-        >>> stream = distillation_stream(teacher, config, labels=range(256), num_shards=4)
-        >>> loader = DataLoader(stream.with_format("torch"), batch_size=32)
-    """
-    import datasets
-
-    from .distributed import plan_work
-
-    items = [{"index": w.index, "labels": list(w.labels), "seed": w.seed}
-             for w in plan_work(list(labels), config.batch_size, seed)]
-    num_shards = max(1, min(num_shards, len(items)))
-    shards = [items[s::num_shards] for s in range(num_shards)]
-    return datasets.IterableDataset.from_generator(
-        _stream_generator, gen_kwargs={"shards": shards, "teacher": teacher, "config": config.to_dict(),
-                                       "with_logits": with_logits})
-
-
-def _stream_generator(shards: list[list[dict]], teacher: nn.Module, config: dict, with_logits: bool):
-    for items in shards:
-        yield from _invert_shard(items, teacher, config, with_logits)
-
-
-def stream_from_inverted(inverted: Any, num_shards: int = 2):
-    """A ``datasets.IterableDataset`` of normalized samples read from an exported dataset."""
-    from .export import load_inverted
-
-    inverted = load_inverted(inverted)
-    mean = torch.tensor(inverted.mean).view(-1, 1, 1)
-    std = torch.tensor(inverted.std).view(-1, 1, 1)
-
-    def normalize(row: dict) -> dict:
-        pixels = torch.as_tensor(row["pixel_values"])
-        return {"pixel_values": ((pixels - mean) / std).numpy()}
-
-    stream = inverted.dataset.select_columns(["pixel_values", "patch_mask", "label", "seed", "item"])
-    return stream.to_iterable_dataset(num_shards=num_shards).map(normalize)
-
-
-# ------------------------------------------------------------------------------------ trainer
+# ------------------------------------------------------------------------------------- config
 @dataclass
-class DistillConfig:
-    """How to distil.
+class DistillConfig(ConfigBase):
+    """How to distil (the paper's linear probe by default; ``for_mode("full")`` trains from scratch)."""
 
-    Args:
-        mode: ``linear-probe`` (only the student's classifier head trains) or ``full``.
-        temperature: KD temperature (paper: 20).
-        optimizer: ``sgd`` (paper: lr 0.1, momentum 0.9, weight decay 1e-4) or ``adamw``.
-        lr, momentum, weight_decay: optimizer settings; lr_schedule: ``constant`` or ``cosine``.
-        steps: KD optimisation steps; batch_size: KD batch (paper: 32).
-        epochs: for ``source="pool"``, train for this many passes over the pool instead
-            (``ceil(epochs * len(pool) / batch_size)`` steps), so a bigger pool gets proportionally
-            more steps; ``None`` uses ``steps``.
-        source: ``pool`` (train on a fixed pool) or ``alternating`` (invert ``images_per_round``
-            images, take ``kd_steps_per_round`` steps on the growing pool, repeat).
-        images_per_round, kd_steps_per_round: the alternating schedule.
-        flip: random horizontal flips of the inverted images (and masks) during KD.
-        mixup: replace each KD input with a random convex mix of two inverted images (weight
-            ~ U(0, 1); the union of their masks is kept). The teacher labels every mix on the fly
-            ("function matching"), so a small pool yields many distinct input/target pairs.
-        eval_every: steps between evaluations on the real held-out set; checkpoint_every likewise.
-        seed: seed of batch sampling and flips (resume continues the same sequence).
-    """
-
-    mode: str = "linear-probe"
-    temperature: float = 20.0
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_schedule: str = "constant"
-    steps: int = 500
-    batch_size: int = 32
-    epochs: float | None = None
-    source: str = "pool"
-    images_per_round: int = 32
-    kd_steps_per_round: int = 4
-    flip: bool = True
-    mixup: bool = False
-    eval_every: int = 50
-    checkpoint_every: int = 100
-    seed: int = 0
+    mode: str = option("linear-probe", "linear-probe: frozen pretrained backbone + new head (the paper); "
+                       "full: train every weight", choices=MODES)
+    source: str = option("pool", "pool: invert --num-images first, then distil; alternating: invert a batch, "
+                         "take KD steps, repeat; online: a pool kept under inversion while the student learns "
+                         "(each step: --inversion-steps on one inversion batch, then KD on it plus --replay "
+                         "pool samples)", choices=SOURCES)
+    steps: int = option(500, "KD optimisation steps")
+    epochs: float | None = option(None, "source pool: this many passes over the pool instead of --steps")
+    batch_size: int = option(32, "KD batch (paper: 32); source online: the replayed samples added to the "
+                             "freshly inverted batch")
+    temperature: float = option(20.0, "KD temperature (paper: 20)")
+    optimizer: str = option("sgd", "KD optimizer (paper: SGD)", choices=OPTIMIZERS)
+    lr: float = option(0.1, "KD learning rate (paper: 0.1)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(1e-4, "weight decay")
+    lr_schedule: str = option("constant", "KD learning-rate schedule", choices=("constant", "cosine"))
+    flip: bool = option(True, "random horizontal flips of the inverted images (and masks)")
+    mixup: float = option(0.0, "share of KD inputs replaced by a random convex mix of two pool images "
+                          "(union of their masks), each labelled by the teacher on the fly; 0 disables")
+    images_per_round: int = option(32, "source alternating: images inverted per round")
+    kd_steps_per_round: int = option(4, "source alternating: KD steps per round")
+    pool_size: int = option(2048, "source online: images kept under inversion")
+    inversion_steps: int = option(2, "source online: inversion iterations per KD step")
+    eval_every: int = option(50, "KD steps between evaluations on the real held-out images")
+    checkpoint_every: int = option(100, "KD steps between checkpoints (with an output directory)")
+    seed: int = option(0, "seed of batch sampling, flips and mixes (resume continues the sequence)")
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"DistillConfig.mode {self.mode!r} is unknown; use one of {MODES}")
-        if self.source not in SOURCES:
-            raise ValueError(f"DistillConfig.source {self.source!r} is unknown; use one of {SOURCES}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"DistillConfig.optimizer {self.optimizer!r} is unknown; use 'sgd' or 'adamw'")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"DistillConfig.lr_schedule {self.lr_schedule!r} is unknown; use 'constant' or 'cosine'")
-        for name in ("steps", "batch_size", "images_per_round", "kd_steps_per_round", "eval_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_choice(self, "mode", MODES)
+        check_choice(self, "source", SOURCES)
+        check_choice(self, "optimizer", OPTIMIZERS)
+        check_choice(self, "lr_schedule", ("constant", "cosine"))
+        check_positive_ints(self, "steps", "batch_size", "images_per_round", "kd_steps_per_round", "pool_size",
+                            "inversion_steps", "eval_every", "checkpoint_every")
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError("DistillConfig.temperature and .lr must be > 0")
+        if not 0.0 <= float(self.mixup) <= 1.0:
+            raise ValueError(f"DistillConfig.mixup is a share of the KD inputs in [0, 1], got {self.mixup}")
+        self.mixup = float(self.mixup)
         if self.epochs is not None:
             if self.epochs <= 0:
                 raise ValueError(f"DistillConfig.epochs must be > 0 (or None to use steps), got {self.epochs}")
             if self.source != "pool":
-                raise ValueError("DistillConfig.epochs counts passes over a fixed pool; with source='alternating' "
-                                 "the pool grows as it trains: set steps instead")
+                raise ValueError(f"DistillConfig.epochs counts passes over a fixed pool; with source="
+                                 f"{self.source!r} the pool changes as it trains: set steps instead")
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides: Any) -> DistillConfig:
+        """The recipe for ``mode`` (``MODE_DEFAULTS``) and for ``overrides["source"]`` when given
+        (``SOURCE_DEFAULTS``), with some fields overridden."""
+        if mode not in MODES:
+            raise ValueError(f"DistillConfig.mode {mode!r} is unknown; use one of {list(MODES)}")
+        source = SOURCE_DEFAULTS.get(overrides.get("source", ""), {})
+        return cls(**{"mode": mode, **MODE_DEFAULTS[mode], **source, **overrides})
 
     def total_steps(self, pool_size: int) -> int:
         """KD steps for a pool of ``pool_size`` images: ``steps``, or ``epochs`` passes over the pool."""
         if self.epochs is None:
             return self.steps
         return max(1, math.ceil(self.epochs * pool_size / self.batch_size))
+
+
+# What each mode changes from the field defaults: a from-scratch student needs AdamW and a schedule.
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear-probe": {},
+    "full": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "lr_schedule": "cosine", "batch_size": 64},
+}
+# What the online source changes on top (the prototype's recipe: 128 replayed samples, half of the
+# inputs mixed, a low temperature).
+SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "online": {"batch_size": 128, "mixup": 0.5, "temperature": 4.0},
+}
+
+
+# ------------------------------------------------------------------------------------- pieces
+def sample_batch(pixels: torch.Tensor, masks: torch.Tensor, batch_size: int, generator: torch.Generator, *,
+                 flip: bool = True, mixup: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random rows (with replacement) of normalized ``pixels`` and their ``masks``,
+    augmented by ``augment_batch``; everything is drawn from ``generator``, so a step is reproducible."""
+    index = torch.randint(len(pixels), (batch_size,), generator=generator)
+    return augment_batch(pixels[index], masks[index], generator, flip=flip, mixup=mixup)
+
+
+def augment_batch(x: torch.Tensor, m: torch.Tensor, generator: torch.Generator, *, flip: bool = True,
+                  mixup: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip rows (image and mask) with probability 1/2 when ``flip``; replace a ``mixup`` share of
+    them by ``w * x + (1 - w) * x[partner]`` (``w ~ U(0, 1)``, a random partner in the batch) with
+    the union of both masks."""
+    n = len(x)
+    if flip:
+        flipped = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flipped.view(-1, 1, 1, 1), x.flip(-1), x)
+        m = torch.where(flipped.view(-1, 1, 1), m.flip(-1), m)
+    if mixup > 0:
+        partner = torch.randperm(n, generator=generator).to(x.device)
+        weight = torch.rand(n, 1, 1, 1, generator=generator).to(x.device, x.dtype)
+        mixed = (torch.rand(n, generator=generator) < mixup).to(x.device)
+        weight = torch.where(mixed.view(-1, 1, 1, 1), weight, torch.ones_like(weight))
+        x = weight * x + (1 - weight) * x[partner]
+        m = torch.where(mixed.view(-1, 1, 1), m | m[partner], m)
+    return x, m
+
+
+def build_optimizer(student: nn.Module, config: DistillConfig) -> torch.optim.Optimizer:
+    """The KD optimizer over ``student``'s trainable parameters; in linear-probe mode only the head trains."""
+    if config.mode == "linear-probe":
+        head = student.get_classifier() if hasattr(student, "get_classifier") else None
+        if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+            raise ValueError("linear-probe mode needs a student with get_classifier() returning a head with "
+                             "parameters (timm models have one); use mode='full' otherwise")
+        student.requires_grad_(False)
+        head.requires_grad_(True)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def learning_rate(config: DistillConfig, step: int, total: int) -> float:
+    """The KD learning rate at ``step`` of ``total`` (constant, or cosine to 0)."""
+    if config.lr_schedule == "constant":
+        return config.lr
+    return config.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def failed(accuracy: float, num_classes: int) -> bool:
+    """Whether a student's accuracy is too close to chance to count as a result (< 1.5x chance)."""
+    return accuracy < FAILURE_FACTOR / num_classes
 
 
 def linear_probe_student(backbone: nn.Module, num_classes: int) -> nn.Module:
@@ -199,26 +213,24 @@ def linear_probe_student(backbone: nn.Module, num_classes: int) -> nn.Module:
     return student
 
 
-@dataclass
-class Pool:
-    """Inverted samples held for KD: normalized pixels, masks, labels (grows in alternating mode)."""
+def as_pool(source: Any) -> InvertedBatch:
+    """One ``InvertedBatch`` from an ``InvertedBatch``, a list of them, a calibration dataset or an export."""
+    from .calibration import SparseInvertedCalibrationDataset
 
-    pixel_values: list[torch.Tensor] = field(default_factory=list)
-    patch_mask: list[torch.Tensor] = field(default_factory=list)
-    labels: list[torch.Tensor] = field(default_factory=list)
+    if isinstance(source, InvertedBatch):
+        return source
+    if isinstance(source, (list, tuple)) and source and all(isinstance(b, InvertedBatch) for b in source):
+        return InvertedBatch.concatenate([b.to("cpu") for b in source])
+    if isinstance(source, SparseInvertedCalibrationDataset):
+        return source.batch
+    if source is None or (isinstance(source, (list, tuple)) and not source):
+        raise ValueError("the KD pool is empty: invert some images first")
+    from .export import load_inverted
 
-    def __len__(self) -> int:
-        return sum(x.shape[0] for x in self.labels)
-
-    def add(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor, labels: torch.Tensor) -> None:
-        self.pixel_values.append(pixel_values.detach().cpu())
-        self.patch_mask.append(patch_mask.detach().cpu())
-        self.labels.append(labels.detach().cpu())
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return torch.cat(self.pixel_values), torch.cat(self.patch_mask), torch.cat(self.labels)
+    return load_inverted(source).to_batch()
 
 
+# ------------------------------------------------------------------------------------ trainer
 class KDTrainer:
     """Knowledge distillation from ``teacher`` to ``student`` on inverted data only.
 
@@ -227,81 +239,134 @@ class KDTrainer:
         config: a ``DistillConfig``.
         eval_split, mean, std: the real held-out split (and normalization) to evaluate on.
         out_dir: where checkpoints, ``history.json`` and ``learning_curve.png`` go (optional).
-        inverter: a ``SparseInverter`` of the teacher, needed for ``source="alternating"``.
+        inverter: a ``SparseInverter`` of the teacher, needed for ``source="alternating"``/``"online"``.
+        accelerator: an ``accelerate.Accelerator``; by default one process on the best device (under
+            a multi-process launch, pass ``Accelerator()`` built after ``distributed_state()``).
 
     Example:
         >>> trainer = KDTrainer(teacher, student, DistillConfig(steps=300), test, mean, std, out_dir="runs/kd")
-        >>> history = trainer.fit(pool)     # or trainer.fit() with an inverter for alternating mode
+        >>> history = trainer.fit(pool)     # or trainer.fit() with an inverter (alternating, online)
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig, eval_split: ImageSplit | None,
                  mean: Sequence[float], std: Sequence[float], out_dir: str | os.PathLike | None = None,
-                 inverter: SparseInverter | None = None, progress: bool = True) -> None:
-        from accelerate import Accelerator
+                 inverter: SparseInverter | None = None, progress: bool = True, accelerator: Any = None) -> None:
+        if config.source != "pool" and inverter is None:
+            raise ValueError(f"source={config.source!r} inverts as it trains: pass inverter=SparseInverter(teacher, ...)")
+        if accelerator is None:
+            from accelerate import Accelerator
 
-        from .distributed import distributed_state
-
-        distributed_state()  # gloo on accelerator-less machines, before Accelerator reads the state
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        self.config, self.eval_split, self.mean, self.std = config, eval_split, tuple(mean), tuple(std)
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator, self.config, self.eval_split = accelerator, config, eval_split
+        self.mean, self.std, self.inverter, self.progress = tuple(mean), tuple(std), inverter, progress
         self.out_dir = Path(out_dir) if out_dir else None
-        self.inverter, self.progress = inverter, progress
-        if config.source == "alternating" and inverter is None:
-            raise ValueError("source='alternating' inverts as it trains: pass inverter=SparseInverter(teacher, ...)")
-        self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
-        student = student.to(self.accelerator.device)
-        if config.mode == "linear-probe":
-            head = student.get_classifier() if hasattr(student, "get_classifier") else None
-            if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
-                raise ValueError("linear-probe mode needs a student with get_classifier() returning a head with "
-                                 "parameters (timm models have one); use mode='full' otherwise")
-            student.requires_grad_(False)
-            head.requires_grad_(True)
-        params = [p for p in student.parameters() if p.requires_grad]
-        if config.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+        student = student.to(accelerator.device)
+        self.student, self.optimizer = accelerator.prepare(student, build_optimizer(student, config))
         self.step, self.total_steps = 0, config.steps
-        self.pool = Pool()
+        self.pool: InvertedBatch | None = None
+        self.online = OnlinePool(inverter, config.pool_size, config.seed) if config.source == "online" else None
         self.history: dict[str, list] = {"kd_loss": [], "eval": [], "pool_size": []}
 
-    # -- data
-    def _sample(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels, masks, _ = self._pool_tensors
-        index = torch.randint(len(pixels), (min(self.config.batch_size, len(pixels)),), generator=generator)
-        x, m = pixels[index], masks[index]
-        if self.config.flip:
-            flip = torch.rand(len(index), generator=generator) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            m = torch.where(flip.view(-1, 1, 1), m.flip(-1), m)
-        if self.config.mixup:
-            partner = torch.randperm(len(index), generator=generator)
-            weight = torch.rand(len(index), 1, 1, 1, generator=generator)
-            x = weight * x + (1 - weight) * x[partner]
-            m = m | m[partner]
+    @property
+    def images_seen(self) -> int:
+        """Distinct inverted samples the student has trained on (pool size; online: slots visited)."""
+        if self.online is not None:
+            return len(self.online)
+        return 0 if self.pool is None else len(self.pool)
+
+    def fit(self, pool: Any = None) -> dict[str, list]:
+        """Train to ``total_steps``, resuming from ``out_dir``'s checkpoint when there is one.
+
+        Args:
+            pool: for ``source="pool"``, the inverted data: an ``InvertedBatch``, a list of them,
+                a ``SparseInvertedCalibrationDataset`` or an exported dataset.
+        """
+        cfg = self.config
+        if cfg.source == "pool":
+            self._set_pool(as_pool(pool))
+        self._load_checkpoint()
+        self.total_steps = cfg.total_steps(len(self.pool) if cfg.source == "pool" else 0)
+        bar = progress_bar(self.total_steps, initial=self.step, enabled=self.progress,
+                           desc=f"distilling ({cfg.mode}, {cfg.source})", unit="step")
+        self.student.train(cfg.mode == "full")  # a frozen backbone keeps its dropout/norm behaviour fixed
+        while self.step < self.total_steps:
+            x, m = self.next_batch()
+            loss = self.train_step(x, m)
+            self.history["kd_loss"].append((self.step, loss))
+            bar.update(1)
+            bar.set_postfix(kd_loss=f"{loss:.3f}", pool=self.images_seen)
+            last = self.step == self.total_steps
+            if self.eval_split is not None and (self.step % cfg.eval_every == 0 or last):
+                self.history["eval"].append((self.step, self.evaluate()))
+                self.history["pool_size"].append((self.step, self.images_seen))
+            if self.step % cfg.checkpoint_every == 0 or last:
+                self._save_checkpoint()
+        bar.close()
+        self._write_outputs()
+        return self.history
+
+    def train_step(self, x: torch.Tensor, m: torch.Tensor) -> float:
+        """One KD step on normalized inputs ``x`` with patch masks ``m``; the teacher labels the same view."""
         device = self.accelerator.device
-        return x.to(device), m.to(device)
+        x, m = x.to(device), m.to(device)
+        with torch.no_grad():
+            teacher_logits = forward_sparse(self.teacher, x, m)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.step, self.total_steps)
+        student = self.accelerator.unwrap_model(self.student)
+        loss = kd_loss(forward_sparse(student, x, m), teacher_logits, self.config.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    # -- data sources
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs of the next step from the configured source (growing/advancing the pool first)."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, self.step))
+        if cfg.source == "alternating" and self.step % cfg.kd_steps_per_round == 0:
+            self._grow_pool(self.step // cfg.kd_steps_per_round)
+        if cfg.source == "online":
+            return self._online_batch(generator)
+        return sample_batch(self._pixels, self._masks, min(cfg.batch_size, len(self._pixels)), generator,
+                            flip=cfg.flip, mixup=cfg.mixup)
+
+    def _online_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advance one slot of the online pool; its images plus ``batch_size`` replayed pool samples."""
+        cfg = self.config
+        self.online.inverter.competitor = self._competitor()
+        fresh = self.online.advance(self.step % self.online.num_slots, cfg.inversion_steps)
+        replay = self.online.batch()
+        x = torch.cat([fresh.normalized(), replay.normalized()])
+        m = torch.cat([fresh.patch_mask, replay.patch_mask])
+        # The fresh batch is always seen; the replayed rows are drawn from the whole visited pool.
+        index = torch.cat([torch.arange(len(fresh)),
+                           len(fresh) + torch.randint(len(replay), (cfg.batch_size,), generator=generator)])
+        index = index.to(x.device)
+        return augment_batch(x[index], m[index], generator, flip=cfg.flip, mixup=cfg.mixup)
+
+    def _competitor(self) -> nn.Module | None:
+        weight = self.inverter.config.competition_weight if self.inverter is not None else 0
+        return self.accelerator.unwrap_model(self.student) if weight > 0 else None
+
+    def _set_pool(self, pool: InvertedBatch) -> None:
+        if len(pool) == 0:
+            raise ValueError("the KD pool is empty: invert some images first")
+        self.pool = pool
+        self._pixels, self._masks = pool.normalized().cpu(), pool.patch_mask.cpu()
 
     def _grow_pool(self, round_index: int) -> None:
-        from .batch import balanced_labels
-
         cfg = self.config
+        if self.pool is not None and len(self.pool) >= (round_index + 1) * cfg.images_per_round:
+            return  # restored from a checkpoint
         labels = balanced_labels(cfg.images_per_round, self.inverter.num_classes)
         labels = labels[round_index % len(labels):] + labels[:round_index % len(labels)]
-        # The inverter competes against the current student when its config asks for it (ADI).
-        self.inverter.competitor = self.accelerator.unwrap_model(self.student)
-        batch = self.inverter.invert(labels, seed=derive_seed(cfg.seed, round_index))
-        self.pool.add(batch.normalized(), batch.patch_mask, batch.labels)
-        self._pool_tensors = self.pool.tensors()
-
-    # -- training
-    def _lr(self) -> float:
-        cfg = self.config
-        if cfg.lr_schedule == "constant":
-            return cfg.lr
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * self.step / self.total_steps))
+        self.inverter.competitor = self._competitor()  # ADI: compete with the current student if asked
+        batch = self.inverter.invert(labels, seed=derive_seed(cfg.seed, round_index)).to("cpu")
+        self._set_pool(batch if self.pool is None else InvertedBatch.concatenate([self.pool, batch]))
 
     def evaluate(self) -> float:
         """Top-1 of the student on the real held-out split (dense, full images)."""
@@ -312,65 +377,7 @@ class KDTrainer:
         self.student.train(was_training)
         return accuracy
 
-    def fit(self, pool: Any = None) -> dict[str, list]:
-        """Train for ``config.steps`` (or ``config.epochs`` passes over the pool), resuming from
-        ``out_dir``'s checkpoint when there is one.
-
-        Args:
-            pool: for ``source="pool"``, the inverted data: a ``Pool``, a list of
-                ``InvertedBatch``, a ``SparseInvertedCalibrationDataset`` or an exported dataset.
-        """
-        cfg = self.config
-        if cfg.source == "pool":
-            self.pool = _as_pool(pool)
-            if len(self.pool) == 0:
-                raise ValueError("the KD pool is empty: invert some images first")
-        self._pool_tensors = self.pool.tensors() if len(self.pool) else None
-        self._load_checkpoint()
-        self.total_steps = total = cfg.total_steps(len(self.pool))
-        bar = None
-        if self.progress and self.accelerator.is_main_process:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=self.step, desc=f"distilling ({cfg.mode}, {cfg.source})", unit="step")
-        self.student.train()
-        if cfg.mode == "linear-probe":
-            self.student.eval()  # frozen backbone: keep its dropout/norm statistics fixed
-        while self.step < total:
-            if cfg.source == "alternating" and self.step % cfg.kd_steps_per_round == 0:
-                round_index = self.step // cfg.kd_steps_per_round
-                if len(self.pool) < (round_index + 1) * cfg.images_per_round:
-                    self._grow_pool(round_index)
-            generator = torch.Generator().manual_seed(derive_seed(cfg.seed, self.step))
-            x, m = self._sample(generator)
-            with torch.no_grad():
-                teacher_logits = forward_sparse(self.teacher, x, m)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr()
-            loss = kd_loss(forward_sparse(self.accelerator.unwrap_model(self.student), x, m), teacher_logits,
-                           cfg.temperature)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.accelerator.backward(loss)
-            self.optimizer.step()
-            self.step += 1
-            self.history["kd_loss"].append((self.step, loss.item()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(kd_loss=f"{loss.item():.3f}", pool=len(self.pool))
-            if self.eval_split is not None and (self.step % cfg.eval_every == 0 or self.step == total):
-                accuracy = self.evaluate()
-                self.history["eval"].append((self.step, accuracy))
-                self.history["pool_size"].append((self.step, len(self.pool)))
-                if bar is not None:
-                    bar.set_postfix(kd_loss=f"{loss.item():.3f}", heldout=f"{accuracy:.3f}", pool=len(self.pool))
-            if self.step % cfg.checkpoint_every == 0 or self.step == total:
-                self._save_checkpoint()
-        if bar is not None:
-            bar.close()
-        self._write_outputs()
-        return self.history
-
-    # -- checkpoints
+    # -- checkpoints and outputs
     def _checkpoint_path(self) -> Path | None:
         return self.out_dir / "checkpoint.pt" if self.out_dir else None
 
@@ -379,8 +386,10 @@ class KDTrainer:
         if path is None or not self.accelerator.is_main_process:
             return
         state = {"step": self.step, "student": self.accelerator.unwrap_model(self.student).state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "history": self.history, "config": asdict(self.config),
-                 "pool": self.pool if self.config.source == "alternating" else None}
+                 "optimizer": self.optimizer.state_dict(), "history": self.history, "config": self.config.to_dict(),
+                 "pool": self.pool if self.config.source == "alternating" else None,
+                 "online": self.online.state_dict() if self.online is not None else None}
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
 
@@ -389,14 +398,16 @@ class KDTrainer:
         if path is None or not path.is_file():
             return
         state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
-        if state["config"] != asdict(self.config):
+        if state["config"] != self.config.to_dict():
             raise ValueError(f"{path} was written with another DistillConfig; use another out_dir or delete it")
         self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history = state["step"], state["history"]
-        if state["pool"] is not None:
-            self.pool = state["pool"]
-            self._pool_tensors = self.pool.tensors() if len(self.pool) else None
+        if state.get("pool") is not None:
+            self._set_pool(state["pool"])
+        if state.get("online") is not None:
+            self.online.load_state_dict(state["online"])
+        logger.info("resumed %s at step %d", path, self.step)
 
     def _write_outputs(self) -> None:
         if self.out_dir is None or not self.accelerator.is_main_process:
@@ -410,21 +421,43 @@ class KDTrainer:
                         xlabel="KD step", ylabel="top-1", title="Data-free KD: held-out accuracy")
 
 
-def _as_pool(source: Any) -> Pool:
-    from .calibration import SparseInvertedCalibrationDataset
-    from .batch import InvertedBatch
+# ------------------------------------------------------------------------------------ students
+STUDENT_WEIGHTS, STUDENT_CARD = "student.safetensors", "student.json"
 
-    if isinstance(source, Pool):
-        return source
-    pool = Pool()
-    if isinstance(source, SparseInvertedCalibrationDataset):
-        pool.add(source.pixel_values, source.patch_mask, source.labels)
-    elif isinstance(source, (list, tuple)) and source and isinstance(source[0], InvertedBatch):
-        for batch in source:
-            pool.add(batch.normalized(), batch.patch_mask, batch.labels)
-    elif source is not None:
-        from .export import load_inverted
 
-        batch = load_inverted(source).to_batch()
-        pool.add(batch.normalized(), batch.patch_mask, batch.labels)
-    return pool
+def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping[str, Any]) -> Path:
+    """Write ``student.safetensors`` and ``student.json`` (``card`` plus the weights' file name).
+
+    ``card`` must hold ``architecture`` (a timm name), ``model_kwargs`` (``timm.create_model``
+    keywords, JSON values), ``num_classes``, ``mean`` and ``std``; anything else (accuracy, teacher,
+    dataset, mode) is kept as is. ``load_student`` reads it back.
+    """
+    from safetensors.torch import save_file
+
+    missing = [k for k in ("architecture", "model_kwargs", "num_classes", "mean", "std") if k not in card]
+    if missing:
+        raise ValueError(f"the student card lacks {missing}")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
+    with atomic_path(out / STUDENT_WEIGHTS) as tmp:
+        save_file(weights, str(tmp))
+    body = {"format": "smi-student/1", **card, "weights": STUDENT_WEIGHTS, "mean": list(card["mean"]),
+            "std": list(card["std"])}
+    atomic_write_text(out / STUDENT_CARD, json.dumps(body, indent=2, default=list) + "\n")
+    return out
+
+
+def load_student(directory: str | os.PathLike) -> nn.Module:
+    """The student ``save_student`` wrote, in eval mode, with its normalization in ``pretrained_cfg``."""
+    import timm
+    from safetensors.torch import load_file
+
+    root = Path(directory)
+    card = json.loads((root / STUDENT_CARD).read_text())
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in card["model_kwargs"].items()}
+    kwargs["num_classes"] = card["num_classes"]
+    model = timm.create_model(card["architecture"], pretrained=False, **kwargs)
+    model.load_state_dict(load_file(str(root / card.get("weights", STUDENT_WEIGHTS))))
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(card["mean"]), "std": tuple(card["std"])}
+    return model.eval()

@@ -1,12 +1,26 @@
+import argparse
+import json
 import math
 
 import pytest
 import torch
 
 from smi_plugin import InversionConfig, SparseInverter, load_teacher
-from smi_plugin.batch import balanced_labels
+from smi_plugin.batch import InvertedBatch, balanced_labels
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer, distillation_stream, kd_loss, linear_probe_student
+from smi_plugin.distill import (
+    DistillConfig,
+    KDTrainer,
+    augment_batch,
+    build_optimizer,
+    failed,
+    kd_loss,
+    learning_rate,
+    linear_probe_student,
+    load_student,
+    sample_batch,
+    save_student,
+)
 from smi_plugin.images import model_normalization
 
 
@@ -23,22 +37,6 @@ def test_kd_loss_matches_a_hand_computation():
     assert kd_loss(t, t).item() == pytest.approx(0.0, abs=1e-4)  # float32 rounding times T^2 = 400
 
 
-def test_stream_gives_distinct_samples_per_shard_and_process(tiny_vit):
-    from datasets.distributed import split_dataset_by_node
-    from torch.utils.data import DataLoader
-
-    config = InversionConfig(iterations=2, batch_size=2, schedule="1:0.5")
-    stream = distillation_stream(tiny_vit, config, labels=list(range(8)), seed=3, num_shards=4, with_logits=True)
-    assert stream.num_shards == 4
-    ranks = [list(split_dataset_by_node(stream, rank=r, world_size=2)) for r in range(2)]
-    keys = [{(row["item"], row["label"]) for row in rows} for rows in ranks]
-    assert len(keys[0]) == len(keys[1]) == 4 and not keys[0] & keys[1]
-    assert sorted(label for _, label in keys[0] | keys[1]) == list(range(8))
-    batch = next(iter(DataLoader(stream.with_format("torch"), batch_size=8)))
-    assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["patch_mask"].shape == (8, 8, 8)
-    assert batch["teacher_logits"].shape == (8, 10) and batch["patch_mask"].sum(dim=(1, 2)).tolist() == [32] * 8
-
-
 @pytest.fixture(scope="module")
 def digits():
     teacher = load_teacher("digits-vit")
@@ -47,6 +45,14 @@ def digits():
     config = InversionConfig(iterations=30, batch_size=40, schedule="10:0.3", tie_channels=True)
     pool = SparseInverter(teacher, config, progress=False).invert(balanced_labels(40, 10))
     return teacher, test, mean, std, pool
+
+
+def tiny_student(seed: int = 0):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                             num_classes=10)
 
 
 @pytest.mark.slow
@@ -63,39 +69,66 @@ def test_short_linear_probe_lowers_kd_loss_and_beats_chance(digits, tmp_path):
     assert head_only and all(n.startswith("head") for n in head_only)
 
 
-def test_resume_after_interruption_repeats_and_skips_nothing(digits, tmp_path, monkeypatch):
-    import timm
-
-    teacher, test, mean, std, pool = digits
-
-    def student():
-        torch.manual_seed(0)
-        return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=32, depth=1,
-                                 num_heads=2, num_classes=10)
-
-    config = DistillConfig(mode="full", optimizer="adamw", lr=1e-3, steps=6, batch_size=8, eval_every=100,
-                           checkpoint_every=3)
-    reference = student()
-    KDTrainer(teacher, reference, config, None, mean, std, progress=False).fit([pool])
-
-    interrupted = student()
-    trainer = KDTrainer(teacher, interrupted, config, None, mean, std, out_dir=tmp_path, progress=False)
-    original_step = trainer.optimizer.step
-    calls = {"n": 0}
+def _interrupt_at(trainer, monkeypatch, call: int) -> None:
+    original_step, calls = trainer.optimizer.step, {"n": 0}
 
     def failing_step(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == call:
             raise KeyboardInterrupt
         return original_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer.optimizer, "step", failing_step)
+
+
+def test_resume_after_interruption_repeats_and_skips_nothing(digits, tmp_path, monkeypatch):
+    teacher, _, mean, std, pool = digits
+    config = DistillConfig(mode="full", optimizer="adamw", lr=1e-3, steps=6, batch_size=8, eval_every=100,
+                           checkpoint_every=3)
+    reference = tiny_student()
+    KDTrainer(teacher, reference, config, None, mean, std, progress=False).fit([pool])
+
+    trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, progress=False)
+    _interrupt_at(trainer, monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit([pool])
-    resumed = student()
+    resumed = tiny_student()
     history = KDTrainer(teacher, resumed, config, None, mean, std, out_dir=tmp_path, progress=False).fit([pool])
     assert [step for step, _ in history["kd_loss"]] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _online(teacher, pool_size=16):
+    config = InversionConfig(iterations=6, batch_size=8, lr=0.1, schedule="2:0.5", tie_channels=True)
+    return SparseInverter(teacher, config, progress=False)
+
+
+def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, monkeypatch):
+    teacher, _, mean, std, _ = digits
+    config = DistillConfig.for_mode("full", source="online", steps=6, pool_size=16, batch_size=4, inversion_steps=2,
+                                    mixup=0.5, checkpoint_every=3, eval_every=100)
+    reference = tiny_student()
+    uninterrupted = KDTrainer(teacher, reference, config, None, mean, std, inverter=_online(teacher), progress=False)
+    uninterrupted.fit()
+    # Two slots of 8, each advanced 2 iterations per visit: 3 visits each, a stop at age 2 (32 -> ... patches).
+    assert uninterrupted.images_seen == 16
+    ages = [slot.age for slot in uninterrupted.online.slots.values()]
+    assert ages == [6, 6] and uninterrupted.online.batch().patch_mask.flatten(1).sum(1).unique().tolist() == [32]
+
+    trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path,
+                        inverter=_online(teacher), progress=False)
+    _interrupt_at(trainer, monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["online"]["slots"]  # the pool is state
+    resumed_student = tiny_student()
+    resumed = KDTrainer(teacher, resumed_student, config, None, mean, std, out_dir=tmp_path,
+                        inverter=_online(teacher), progress=False)
+    history = resumed.fit()
+    assert [step for step, _ in history["kd_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(resumed.online.batch().images, uninterrupted.online.batch().images)
+    for a, b in zip(reference.state_dict().values(), resumed_student.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -119,6 +152,28 @@ def test_bad_distill_config_and_setup():
         DistillConfig(epochs=0)
     with pytest.raises(ValueError, match="set steps instead"):
         DistillConfig(epochs=2, source="alternating")
+    with pytest.raises(ValueError, match="mixup"):
+        DistillConfig(mixup=1.5)
+    with pytest.raises(ValueError, match="inverter"):
+        KDTrainer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), DistillConfig(source="online", mode="full"), None,
+                  (0.5,), (0.5,), progress=False)
+    assert DistillConfig.from_dict(DistillConfig(mixup=0.5).to_dict()) == DistillConfig(mixup=0.5)
+    assert DistillConfig.for_mode("full").optimizer == "adamw" and DistillConfig.for_mode("full", lr=1.0).lr == 1.0
+
+
+def test_cli_flags_are_generated_from_the_config_with_its_defaults():
+    from smi_plugin.cli.distill import distill_config, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["distill", "--teacher", "digits-vit"])
+    assert distill_config(args, seed=0) == DistillConfig()  # one set of defaults: --steps is 500 as in Python
+    args = parser.parse_args(["distill", "--mode", "full", "--steps", "7", "--kd-lr", "0.01", "--source", "online",
+                              "--mixup", "0.5", "--lr", "0.3"])
+    config = distill_config(args, seed=4)
+    assert config == DistillConfig.for_mode("full", steps=7, lr=0.01, source="online", mixup=0.5, seed=4)
+    assert (config.batch_size, config.temperature, config.optimizer) == (128, 4.0, "adamw")  # online's recipe
+    assert args.lr == 0.3  # --lr stays the inversion's
 
 
 def test_epochs_scale_the_steps_with_the_pool(digits):
@@ -131,18 +186,129 @@ def test_epochs_scale_the_steps_with_the_pool(digits):
     assert DistillConfig(steps=7).total_steps(20) == 7
 
 
-def test_mixup_mixes_two_pool_images_and_keeps_both_masks(tiny_vit):
+def test_mixup_mixes_two_pool_images_and_keeps_both_masks():
     pixels = torch.stack([torch.full((3, 32, 32), float(v)) for v in range(8)])
     masks = torch.zeros(8, 8, 8, dtype=torch.bool)
     for i in range(8):
         masks[i, i, :] = True  # image i keeps row i only
-    config = DistillConfig(mixup=True, flip=False, batch_size=8)
-    trainer = KDTrainer(tiny_vit, tiny_vit, config, None, (0.5,) * 3, (0.5,) * 3, progress=False)
-    trainer._pool_tensors = (pixels, masks, torch.arange(8))
-    x, m = trainer._sample(torch.Generator().manual_seed(0))
+    x, m = sample_batch(pixels, masks, 8, torch.Generator().manual_seed(0), flip=False, mixup=1.0)
     values = x[:, 0, 0, 0]
     assert torch.equal(x, values.view(-1, 1, 1, 1).expand_as(x))  # every pixel mixed with one weight
     assert (values >= 0).all() and (values <= 7).all()
     assert (values != values.round()).sum() >= 4  # most inputs are mixes, not pool images
     kept_rows = m.any(dim=2).sum(dim=1)
     assert set(kept_rows.tolist()) <= {1, 2} and (kept_rows == 2).sum() >= 4  # union of the two masks
+    # mixup=0 leaves every row a pool image; a share mixes about that share of the rows
+    x, _ = augment_batch(pixels, masks, torch.Generator().manual_seed(0), flip=False, mixup=0.0)
+    assert torch.equal(x, pixels)
+    x, _ = augment_batch(pixels.repeat(50, 1, 1, 1), masks.repeat(50, 1, 1), torch.Generator().manual_seed(0),
+                         flip=False, mixup=0.5)
+    share = (x[:, 0, 0, 0] != x[:, 0, 0, 0].round()).float().mean().item()
+    assert 0.3 < share < 0.6  # mixing two equal images gives a whole number too
+
+
+def test_flip_mirrors_image_and_mask_together():
+    pixels = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    masks = torch.zeros(2, 2, 2, dtype=torch.bool)
+    masks[:, :, 0] = True
+    x, m = augment_batch(pixels, masks, torch.Generator().manual_seed(1), flip=True)
+    for row in range(2):
+        flipped = bool(m[row, 0, 1])
+        assert torch.equal(x[row], pixels[row].flip(-1) if flipped else pixels[row])
+
+
+def test_build_optimizer_trains_only_the_head_in_linear_probe_mode(tiny_vit):
+    student = linear_probe_student(tiny_vit, 10)
+    optimizer = build_optimizer(student, DistillConfig(mode="linear-probe"))
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert trained == {id(p) for p in student.get_classifier().parameters()}
+    assert isinstance(optimizer, torch.optim.SGD)
+    full = build_optimizer(tiny_student(), DistillConfig.for_mode("full"))
+    assert isinstance(full, torch.optim.AdamW) and full.param_groups[0]["weight_decay"] == 0.05
+    with pytest.raises(ValueError, match="get_classifier"):
+        build_optimizer(torch.nn.Linear(2, 2), DistillConfig(mode="linear-probe"))
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(DistillConfig(lr=0.1), 50, 100) == 0.1
+    cosine = DistillConfig(lr=0.1, lr_schedule="cosine")
+    assert [learning_rate(cosine, s, 100) for s in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0])
+
+
+def test_pool_is_an_inverted_batch_view(digits):
+    teacher, _, mean, std, pool = digits
+    trainer = KDTrainer(teacher, linear_probe_student(teacher, 10), DistillConfig(steps=1, eval_every=10), None,
+                        mean, std, progress=False)
+    trainer.fit([pool.select(range(20)), pool.select(range(20, 40))])
+    assert isinstance(trainer.pool, InvertedBatch) and len(trainer.pool) == trainer.images_seen == 40
+    assert torch.allclose(trainer._pixels, pool.normalized())
+
+
+def test_student_is_saved_where_timm_loads_it(tmp_path):
+    student = tiny_student(3)
+    kwargs = {"img_size": [32, 32], "patch_size": [4, 4], "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
+    card = {"architecture": "vit_tiny_patch16_224", "model_kwargs": kwargs, "num_classes": 10,
+            "mean": (0.3, 0.3, 0.3), "std": (0.2, 0.2, 0.2), "accuracy": 0.5}
+    save_student(student, tmp_path, card)
+    written = json.loads((tmp_path / "student.json").read_text())
+    assert written["weights"] == "student.safetensors" and written["accuracy"] == 0.5
+    loaded = load_student(tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(loaded(x), student.eval()(x)) and loaded.pretrained_cfg["mean"] == (0.3, 0.3, 0.3)
+    with pytest.raises(ValueError, match="architecture"):
+        save_student(student, tmp_path, {"num_classes": 10})
+
+
+def test_near_chance_is_a_failure():
+    assert failed(0.14, 10) and not failed(0.16, 10) and failed(0.7, 2) and not failed(0.76, 2)
+
+
+@pytest.mark.slow
+def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, capsys, caplog):
+    from smi_plugin.cli import main
+
+    out = tmp_path / "run"
+    main(["distill", "--teacher", "digits-vit", "--mode", "full", "--num-images", "40", "--iterations", "20",
+          "--batch-size", "40", "--tie-channels", "--steps", "120", "--seed", "0", "--eval-every", "1000",
+          "--json", str(tmp_path / "kd.json"), "--out", str(out)])
+    report = json.loads((tmp_path / "kd.json").read_text())
+    assert {"teacher_accuracy", "student_accuracy", "inverted_images", "mode", "failed"} <= set(report)
+    assert report["mode"] == "full" and report["inverted_images"] == 40
+    assert report["student_accuracy"] == report["curve"][-1][1] and report["curve"][-1][0] == 120
+    assert report["failed"] == failed(report["student_accuracy"], 10)
+    # A from-scratch student this short stays near chance: it must be reported as a failure, loudly.
+    assert any("FAILED" in r.getMessage() for r in caplog.records) == report["failed"]
+    assert json.loads(capsys.readouterr().out)["failed"] == report["failed"]  # stdout stays JSON
+    student = load_student(out)
+    card = json.loads((out / "student.json").read_text())
+    assert card["architecture"] == "vit_tiny_patch16_224" and card["num_classes"] == 10
+    assert abs(card["accuracy"] - report["student_accuracy"]) < 1e-9 and student.num_classes == 10
+
+
+def test_competition_term_alone_pushes_a_sample_toward_disagreement(tiny_vit):
+    """With only DeepInversion's competition term (1 - JS), the inverted images move to where the
+    student and the teacher disagree: their JS divergence on the images grows."""
+    from conftest import FAMILIES, make_vit
+
+    from smi_plugin.losses import jensen_shannon
+    from smi_plugin.tokens import forward_patches
+
+    name, overrides = FAMILIES["zoo_shape"]
+    student = make_vit(name, seed=1, **overrides)
+    config = InversionConfig(iterations=60, schedule="dense", ce_weight=0.0, tv_l2_weight=0.0,
+                             competition_weight=1.0, lr=0.25, augment="patch", jitter=0.0, flip=False)
+    inverter = SparseInverter(tiny_vit, config, progress=False, competitor=student)
+    state = inverter.start(torch.tensor([0, 1]), seed=0)
+
+    def divergence() -> float:
+        with torch.no_grad():
+            patches = inverter.channels.to_model(state.param)
+            teacher = forward_patches(tiny_vit, inverter.grid, patches, state.kept, state.positions)
+            return jensen_shannon(forward_patches(student, inverter.grid, patches, state.kept), teacher).item()
+
+    before = divergence()
+    with inverter.session():
+        for iteration in range(60):
+            inverter.step(state, iteration)
+    # Random tiny ViTs give near-uniform softened predictions (JS ~ 8e-4); 60 steps raise it ~18%.
+    assert divergence() > 1.1 * before

@@ -1,20 +1,46 @@
-"""``smi distill``: data-free knowledge distillation from inverted images, judged on real held-out images."""
+"""``smi distill``: data-free knowledge distillation from inverted images, judged on real held-out images.
+
+The ``DistillConfig`` flags are generated from its fields; ``--mode full`` starts from the
+``DistillConfig.for_mode("full")`` recipe (AdamW, cosine) and any flag given overrides it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import logging
+from typing import Any
 
 from ..batch import balanced_labels
-from ..distill import DistillConfig, KDTrainer, linear_probe_student
+from ..distill import (
+    MODE_DEFAULTS,
+    MODES,
+    SOURCE_DEFAULTS,
+    DistillConfig,
+    KDTrainer,
+    failed,
+    linear_probe_student,
+    save_student,
+)
 from ..evaluation import evaluate_accuracy
 from ..images import model_normalization
 from ..inverter import SparseInverter
 from ..io import atomic_write_text
-from ..zoo import RECIPES, TeacherError, load_teacher
-from .common import add_inversion_arguments, add_teacher_arguments, inversion_config, load_teacher_from_args, teacher_splits
+from ..zoo import RECIPES, TeacherError, load_card, load_teacher
+from .common import (
+    add_inversion_arguments,
+    add_teacher_arguments,
+    inversion_config,
+    load_teacher_from_args,
+    teacher_splits,
+)
 from .options import CLIError
+
+logger = logging.getLogger(__name__)
+
+# Inversion defaults of the online source: big batches, few small steps at a time.
+ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,38 +48,64 @@ def register(sub: argparse._SubParsersAction) -> None:
                              description="Train a student on inverted images only; evaluate on real held-out images.")
     add_teacher_arguments(parser)
     add_inversion_arguments(parser)
-    group = parser.add_argument_group("distillation (DistillConfig)")
-    group.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"],
-                       help="linear-probe: frozen pretrained backbone + new head (the paper); full: train everything")
+    _add_distill_arguments(parser)
+    group = parser.add_argument_group("student and outputs")
+    group.add_argument("--mode", default="linear-probe", choices=list(MODES),
+                       help="linear-probe: frozen pretrained backbone + new head (the paper); full: train every "
+                            "weight (default: %(default)s)")
     group.add_argument("--student", default=None, help="student (zoo or timm name); default: the teacher card's "
                        "backbone for linear-probe, a smaller ViT on the same patch grid for full")
     group.add_argument("--student-pretrained", action="store_true", help="timm student: timm's pretrained weights")
     group.add_argument("--student-checkpoint", default=None, help="timm student: a local checkpoint")
-    group.add_argument("--num-images", type=int, default=256, help="inverted images in the pool (source=pool)")
-    group.add_argument("--source", default="pool", choices=["pool", "alternating"],
-                       help="pool: invert first, then distil; alternating: invert a batch, take KD steps, repeat")
-    group.add_argument("--images-per-round", type=int, default=32, help="alternating: images inverted per round")
-    group.add_argument("--kd-steps-per-round", type=int, default=4, help="alternating: KD steps per round")
-    group.add_argument("--steps", type=int, default=300, help="KD steps")
-    group.add_argument("--epochs", type=float, default=None,
-                       help="pool: train for this many passes over the pool instead of --steps (bigger pools get more steps)")
-    group.add_argument("--kd-batch-size", type=int, default=32, help="KD batch (paper: 32)")
-    group.add_argument("--kd-lr", type=float, default=0.1, help="KD learning rate (paper: SGD 0.1)")
-    group.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="KD optimizer")
-    group.add_argument("--temperature", type=float, default=20.0, help="KD temperature (paper: 20)")
-    group.add_argument("--mixup", action="store_true",
-                       help="KD on random mixes of two inverted images, each labelled by the teacher on the fly")
-    group.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
+    group.add_argument("--num-images", type=int, default=256, help="inverted images in the pool (source pool) "
+                       "(default: %(default)s)")
     group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
                        help="real data to evaluate on (default: the zoo teacher's)")
-    group.add_argument("--out", default=None, help="checkpoints, history.json and learning_curve.png (resumable)")
+    group.add_argument("--out", default=None, help="checkpoints (resumable), history.json, learning_curve.png "
+                       "and the student: student.safetensors + student.json, loadable by load_teacher(DIR)")
     group.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.set_defaults(func=run)
 
 
-def distill_student(args: argparse.Namespace, teacher):
-    """The student: ``--student`` (zoo or timm name), else the teacher card's backbone for linear
-    probes, else a smaller ViT on the teacher's patch grid for full KD."""
+# DistillConfig fields whose names InversionConfig's flags already take: prefixed with --kd-.
+PREFIXED = ("batch_size", "lr", "lr_schedule", "flip")
+
+
+def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``DistillConfig`` field (``--kd-`` before the names inversion uses; the seed is
+    the inversion's ``--seed``, the mode is ``--mode``)."""
+    import typing
+
+    from .options import _argument_kwargs, flag_name
+
+    title = (f"distillation (DistillConfig; --mode full starts from {MODE_DEFAULTS['full']}, --source online "
+             f"from {SOURCE_DEFAULTS['online']} and inversion {ONLINE_INVERSION})")
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(DistillConfig)
+    for field in dataclasses.fields(DistillConfig):
+        if field.name in ("mode", "seed"):
+            continue
+        name = f"kd_{field.name}" if field.name in PREFIXED else field.name
+        group.add_argument(flag_name(name), dest=name, **_argument_kwargs(field, hints[field.name], field.default))
+
+
+def distill_config(args: argparse.Namespace, seed: int) -> DistillConfig:
+    """``DistillConfig.for_mode(--mode)`` overridden by the flags given."""
+    values: dict[str, Any] = {"seed": seed}
+    for field in dataclasses.fields(DistillConfig):
+        dest = f"kd_{field.name}" if field.name in PREFIXED else field.name
+        if field.name not in ("mode", "seed") and getattr(args, dest, None) is not None:
+            values[field.name] = getattr(args, dest)
+    try:
+        return DistillConfig.for_mode(args.mode, **values)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from err
+
+
+def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[str, Any]]:
+    """The student, its timm architecture and ``create_model`` kwargs: ``--student`` (zoo or timm
+    name), else the teacher card's backbone for linear probes, else a smaller ViT on the teacher's
+    patch grid for full KD."""
     import timm
 
     classes = int(teacher.num_classes)
@@ -66,41 +118,61 @@ def distill_student(args: argparse.Namespace, teacher):
                            "name with --student-pretrained/--student-checkpoint)")
     if name is None:
         grid = teacher.patch_embed
-        kwargs = dict(img_size=tuple(grid.img_size), patch_size=tuple(grid.patch_size), num_classes=classes,
-                      embed_dim=max(32, teacher.embed_dim // 2), depth=max(1, len(teacher.blocks) - 1),
-                      num_heads=max(1, teacher.blocks[0].attn.num_heads - 1))
-        return timm.create_model("vit_tiny_patch16_224", **kwargs)
+        heads = max(1, teacher.blocks[0].attn.num_heads - 1)
+        kwargs = {"img_size": list(grid.img_size), "patch_size": list(grid.patch_size), "num_classes": classes,
+                  "embed_dim": max(32, (2 * teacher.embed_dim // 3) // heads * heads),
+                  "depth": max(1, len(teacher.blocks) - 1), "num_heads": heads}
+        return timm.create_model("vit_tiny_patch16_224", **kwargs), "vit_tiny_patch16_224", kwargs
     try:
         backbone = load_teacher(name, pretrained=args.student_pretrained, checkpoint_path=args.student_checkpoint)
     except TeacherError as err:
         raise CLIError(str(err)) from err
-    return linear_probe_student(backbone, classes) if args.mode == "linear-probe" else backbone
+    if name in RECIPES:
+        card = load_card(name)
+        architecture, kwargs = card["architecture"], dict(card["model_kwargs"])
+    else:
+        architecture, kwargs = name, {}
+    kwargs["num_classes"] = classes
+    student = linear_probe_student(backbone, classes) if args.mode == "linear-probe" else backbone
+    return student, architecture, kwargs
 
 
 def run(args: argparse.Namespace) -> None:
     teacher = load_teacher_from_args(args)
-    config = inversion_config(args)
+    online = (args.source or "pool") == "online"
+    config = inversion_config(args, **(ONLINE_INVERSION if online else {}))
+    kd = distill_config(args, config.seed)
     _, test = teacher_splits(args, teacher)
-    student = distill_student(args, teacher)
-    try:
-        kd = DistillConfig(mode=args.mode, steps=args.steps, epochs=args.epochs, batch_size=args.kd_batch_size,
-                           lr=args.kd_lr, optimizer=args.optimizer, temperature=args.temperature, mixup=args.mixup,
-                           source=args.source, images_per_round=args.images_per_round,
-                           kd_steps_per_round=args.kd_steps_per_round, eval_every=args.eval_every, seed=config.seed)
-    except ValueError as err:
-        raise CLIError(str(err)) from err
+    student, architecture, model_kwargs = distill_student(args, teacher)
     mean, std = model_normalization(teacher)
     inverter = SparseInverter(teacher, config)
     trainer = KDTrainer(teacher, student, kd, test, mean, std, out_dir=args.out, inverter=inverter)
     pool = None
-    if args.source == "pool":
+    if kd.source == "pool":
         pool = [inverter.invert(balanced_labels(args.num_images, int(teacher.num_classes)))]
     history = trainer.fit(pool)
-    result = {"teacher": args.teacher, "mode": args.mode, "source": args.source, "schedule": str(config.schedule),
-              "inverted_images": len(trainer.pool), "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std),
-              "student_accuracy": history["eval"][-1][1], "best_student_accuracy": max(a for _, a in history["eval"]),
-              "curve": history["eval"], "inversion": config.to_dict(), "distillation": dataclasses.asdict(kd)}
-    print(json.dumps({k: result[k] for k in ("mode", "schedule", "inverted_images", "teacher_accuracy",
-                                             "student_accuracy")}, indent=2))
+    classes = int(teacher.num_classes)
+    accuracy = history["eval"][-1][1]
+    result = {"teacher": args.teacher, "mode": kd.mode, "source": kd.source, "schedule": str(config.schedule),
+              "inverted_images": trainer.images_seen, "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std),
+              "student_accuracy": accuracy, "chance_accuracy": 1 / classes, "failed": failed(accuracy, classes),
+              "steps": trainer.step, "curve": history["eval"], "inversion": config.to_dict(),
+              "distillation": kd.to_dict()}
+    if args.out:
+        card = {"architecture": architecture, "model_kwargs": model_kwargs, "num_classes": classes,
+                "mean": list(mean), "std": list(std), "accuracy": accuracy, "failed": result["failed"],
+                "teacher": args.teacher, "mode": kd.mode, "dataset": args.dataset or _dataset(teacher)}
+        result["student_path"] = str(save_student(trainer.accelerator.unwrap_model(trainer.student), args.out, card))
+    print(json.dumps({k: result[k] for k in ("mode", "source", "schedule", "inverted_images", "teacher_accuracy",
+                                             "student_accuracy", "failed")}, indent=2))
+    if result["failed"]:
+        message = (f"FAILED: the student ends at {accuracy:.1%} top-1, under {1.5 / classes:.1%} (1.5x chance "
+                   f"{1 / classes:.1%}); this is not a result: train longer or change the recipe")
+        logger.warning(message)  # on stderr, so that stdout stays the JSON summary
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+
+
+def _dataset(teacher) -> str | None:
+    name = teacher.pretrained_cfg.get("zoo_name")
+    return load_card(name).get("dataset") if name in RECIPES else None
