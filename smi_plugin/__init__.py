@@ -22,9 +22,21 @@ from .zoo import load_teacher
 
 __version__ = "0.1.0"
 
+
+def load_quantized(directory, compile: bool = True):
+    """Load a model saved by ``smi quantize --out DIR``: normalized images -> logits, int8 kernels.
+
+    See ``smi_plugin.integrations.deploy.load_quantized`` (torchao is imported only when called).
+    """
+    from .integrations.deploy import load_quantized as _load_quantized
+
+    return _load_quantized(directory, compile=compile)
+
+
 __all__ = [
     "BASE_METHODS", "DistillConfig", "InversionConfig", "InvertedBatch", "KDTrainer", "SparseInverter",
     "SparseInvertedCalibrationDataset", "StoppingSchedule", "UnsupportedModelError", "check_vit", "derive_seed",
-    "distillation_stream", "forward_kept_tokens", "invert_to_directory", "kd_loss", "load_inverted", "load_teacher",
+    "distillation_stream", "forward_kept_tokens", "invert_to_directory", "kd_loss", "load_inverted", "load_quantized",
+    "load_teacher",
     "register_base_method", "save_grid", "save_stage_strip", "to_hf_dataset",
 ]

@@ -1,4 +1,11 @@
-"""``smi quantize``: data-free post-training quantization with torchao, judged on real held-out images."""
+"""``smi quantize``: data-free post-training quantization with torchao, ending in a deployable int8 model.
+
+``smi quantize --teacher NAME --out DIR`` inverts calibration images (sparse by default), calibrates
+torchao's pt2e flow on their retained tokens, lowers to int8 kernels, evaluates on the teacher's real
+held-out images and writes ``DIR/model.pt2`` + ``DIR/card.json`` (load with
+``smi_plugin.load_quantized(DIR)``). ``smi quantize --compare`` prints the older table comparing
+calibration sources.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +13,116 @@ import argparse
 import json
 
 from ..io import atomic_write_text
-from .common import (add_inversion_arguments, add_teacher_arguments, csv, inversion_config, load_teacher_from_args,
-                     teacher_splits)
+from .common import (add_inversion_arguments, add_teacher_arguments, csv, evaluation_split, inversion_config,
+                     load_teacher_from_args, teacher_splits)
 from .options import CLIError
+
+COMPARE_SOURCES = "gaussian,dense,sparse,real"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("quantize", help="data-free PTQ with torchao, evaluated on real held-out images",
-                            description="Quantize a teacher with torchao, calibrated on inverted images "
-                                        "(or a saved dataset), and compare calibration sources on real data.")
+    parser = sub.add_parser("quantize", help="data-free PTQ with torchao: a saved, faster int8 model",
+                            description="Quantize a teacher with torchao, calibrated on the retained tokens of "
+                                        "inverted images (or a saved dataset), lower it to int8 kernels, evaluate "
+                                        "it on real held-out images and save DIR/model.pt2 + DIR/card.json. "
+                                        "--compare instead compares calibration sources in a table.")
     add_teacher_arguments(parser)
     add_inversion_arguments(parser)
     group = parser.add_argument_group("quantization")
-    group.add_argument("--calibration", default="gaussian,dense,sparse,real",
-                       help="comma-separated sources: gaussian, dense, sparse, real, or a dataset directory "
-                            "(default: %(default)s)")
+    group.add_argument("--out", default=None, help="output directory for model.pt2 and card.json")
+    group.add_argument("--scheme", default="w8a8", choices=["w8a8", "w4a8", "w8a6", "w4a4"],
+                       help="weight/activation bits of the saved model (default: %(default)s)")
+    group.add_argument("--coverage", default="linear", choices=["linear", "full"],
+                       help="quantized ops of the saved model (default: %(default)s)")
+    group.add_argument("--calibration", default=None,
+                       help="calibration source: sparse, dense, gaussian, real, or a dataset directory "
+                            f"(default: sparse; with --compare a comma-separated list, default {COMPARE_SOURCES})")
     group.add_argument("--num-calibration", type=int, default=32, help="calibration images (default: %(default)s)")
-    group.add_argument("--schemes", default="w8a8,w4a8", help="comma-separated: w8a8, w4a8, w8a6, w4a4 "
-                       "(default: %(default)s)")
-    group.add_argument("--coverages", default="linear", help="comma-separated: linear, full (default: %(default)s)")
     group.add_argument("--backend", default="pt2e", choices=["pt2e", "quantize_"],
-                       help="torchao flow (default: %(default)s)")
+                       help="torchao flow (default: %(default)s; only pt2e is saved)")
     group.add_argument("--range-estimator", default="minmax", choices=["minmax", "percentile", "mse"],
                        help="activation range estimator over retained tokens (default: %(default)s)")
-    group.add_argument("--seeds", default="0", help="comma-separated calibration seeds (default: %(default)s)")
-    group.add_argument("--eval-images", type=int, default=None, help="limit the held-out images evaluated")
+    group.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N held-out images")
     group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
                        help="real data to evaluate on (default: the zoo teacher's)")
-    group.add_argument("--json", default=None, help="write the results to this JSON file")
+    compare = parser.add_argument_group("comparing calibration sources (--compare)")
+    compare.add_argument("--compare", action="store_true",
+                         help="print a table comparing calibration sources instead of saving a model")
+    compare.add_argument("--schemes", default="w8a8,w4a8", help="comma-separated: w8a8, w4a8, w8a6, w4a4 "
+                         "(default: %(default)s)")
+    compare.add_argument("--coverages", default="linear", help="comma-separated: linear, full (default: %(default)s)")
+    compare.add_argument("--seeds", default="0", help="comma-separated calibration seeds (default: %(default)s)")
+    compare.add_argument("--json", default=None, help="write the comparison to this JSON file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.compare:
+        return run_compare(args)
+    if not args.out:
+        import sys
+
+        print("smi quantize: no --out given, comparing calibration sources (as --compare); give --out DIR to "
+              "save a deployable int8 model", file=sys.stderr)
+        return run_compare(args)
+    return run_deploy(args)
+
+
+def run_deploy(args: argparse.Namespace) -> None:
+    """Invert, calibrate, quantize, compile, evaluate and save ``--out``."""
+    from ..integrations.deploy import check_deployable, check_output_directory, quantize_for_deployment, save_quantized
+    from ..integrations.torchao_report import calibration_data
+
+    source = args.calibration or "sparse"
+    if "," in source:
+        raise CLIError(f"--calibration takes one source when saving a model, got {source!r} (lists need --compare)")
+    try:
+        check_output_directory(args.out)
+        check_deployable(args.scheme, args.backend, args.coverage)
+    except ValueError as err:
+        raise CLIError(str(err)) from err
+    if args.num_calibration < 1:
+        raise CLIError(f"--num-calibration must be >= 1, got {args.num_calibration}")
+    teacher = load_teacher_from_args(args)
+    config = inversion_config(args)
+    test = evaluation_split(args, teacher)  # None: no real held-out data, the card's accuracies stay null
+    train = teacher_splits(args, teacher)[0] if source == "real" else None
+    try:
+        data, seconds = calibration_data(source, teacher, args.num_calibration, config.seed, config, train,
+                                         progress=True)
+        provenance = {"source_option": source, "seed": config.seed, "seconds": seconds,
+                      "inversion": config.to_dict() if source in ("sparse", "dense") else None}
+        program, _, card = quantize_for_deployment(
+            teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
+            backend=args.backend, test_split=test, eval_images=args.eval_images, calibration=provenance,
+            teacher_name=args.teacher)
+        out = save_quantized(program, args.out, card)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from err
+    print(format_summary(card, out))
+
+
+def format_summary(card: dict, out) -> str:
+    """A few lines: what was saved and how it does on real held-out images."""
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.2f}%"
+
+    lines = [f"saved {card['scheme']} int8 model of {card['teacher']} to {out}/model.pt2 "
+             f"({card['files']['model.pt2'] / 1e6:.2f} MB) with card.json",
+             f"calibration: {card['calibration']['images']} {card['calibration']['source']} images "
+             f"(kept fraction {card['calibration']['kept_fraction']:.2f})"]
+    if card.get("evaluation"):
+        lines.append(f"held-out top-1: FP32 {pct(card['fp32_accuracy'])}, int8 {pct(card['quantized_accuracy'])}; "
+                     f"agreement {pct(card['agreement'])}, SQNR {card['sqnr_db']:.1f} dB "
+                     f"on {card['evaluation']['images']} images")
+    else:
+        lines.append("no real held-out data known for this teacher: accuracy not measured (pass --dataset)")
+    lines.append("load with: from smi_plugin import load_quantized; model = load_quantized(DIR)")
+    return "\n".join(lines)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    """The table comparing calibration sources (the earlier behaviour of this command)."""
     from ..integrations.torchao_report import compare_calibrations, format_report
 
     teacher = load_teacher_from_args(args)
@@ -45,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
     train, test = teacher_splits(args, teacher)
     try:
         report = compare_calibrations(
-            teacher, test, train, sources=csv(args.calibration), schemes=csv(args.schemes),
+            teacher, test, train, sources=csv(args.calibration or COMPARE_SOURCES), schemes=csv(args.schemes),
             coverages=csv(args.coverages), seeds=[int(s) for s in csv(args.seeds)],
             num_calibration=args.num_calibration, inversion=config, backend=args.backend,
             range_estimator=args.range_estimator, eval_images=args.eval_images)

@@ -1,0 +1,179 @@
+"""Is the quantized model faster, and smaller? CPU latency and serialized size of five variants.
+
+Variants: FP32 eager, FP32 compiled (inductor, freezing), int8 compiled (our pt2e path: kept-token
+calibration, convert_pt2e, inductor freezing -> oneDNN int8 kernels), ONNX Runtime FP32 and ONNX
+Runtime int8 (QDQ, per-channel weights, calibrated on the same retained tokens). Latency is the
+median over ``--repeats`` timed calls after ``--warmup`` calls (the first call compiles), per batch
+size. Sizes: FP32 ``torch.save`` state dict, ``model.pt2``, the two ONNX files.
+
+Models: the zoo teachers (calibrated on sparsely inverted images) and random-weight timm DeiTs at
+224 (calibrated on Gaussian noise: speed and size only, their accuracy means nothing).
+Run it alone on a quiet machine:
+
+    OMP_NUM_THREADS=2 python benchmarks/quantized_speed.py --json quantized_speed.json
+    python benchmarks/quantized_speed.py --models digits-vit --batches 1 --repeats 3     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from smi_plugin import InversionConfig, StoppingSchedule, load_teacher  # noqa: E402
+from smi_plugin.calibration import SparseInvertedCalibrationDataset  # noqa: E402
+from smi_plugin.evaluation import sqnr_db  # noqa: E402
+from smi_plugin.zoo import zoo_names  # noqa: E402
+
+DEFAULT_MODELS = "digits-vit,fashion-mnist-vit,deit_tiny_patch16_224,deit_small_patch16_224"
+VARIANTS = ("fp32 eager", "fp32 compiled", "int8 compiled", "ort fp32", "ort int8")
+
+
+def build_model(name: str) -> torch.nn.Module:
+    if name in zoo_names():
+        return load_teacher(name).eval()
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def calibration_set(model: torch.nn.Module, name: str, images: int, iterations: int) -> SparseInvertedCalibrationDataset:
+    if name in zoo_names():
+        config = InversionConfig(iterations=iterations, batch_size=images,
+                                 schedule=StoppingSchedule.paper_scaled(iterations), tie_channels=True)
+        return SparseInvertedCalibrationDataset.from_inverter(model, images, config, progress=False)
+    return SparseInvertedCalibrationDataset.gaussian(model, images)
+
+
+class _Frozen(torch.nn.Module):
+    """``torch.compile`` with inductor freezing, like the int8 path (a fair FP32 compiled baseline)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(model, dynamic=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
+def measure(forward: Callable, inputs: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
+    with torch.no_grad():
+        started = time.perf_counter()
+        out = forward(inputs)
+        first = time.perf_counter() - started
+        for _ in range(max(0, warmup - 1)):
+            forward(inputs)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(inputs)
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "first_call_s": first}, out
+
+
+def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from smi_plugin.integrations.deploy import compile_quantized, export_quantized
+    from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
+    from smi_plugin.integrations.torchao import quantize_with_inverted_data
+
+    model = build_model(name)
+    data = calibration_set(model, name, args.calibration_images, args.iterations)
+    started = time.perf_counter()
+    program = export_quantized(quantize_with_inverted_data(model, data, "w8a8"))
+    quantize_seconds = time.perf_counter() - started
+    files = {"fp32 state dict": workdir / f"{name}.pt", "model.pt2": workdir / f"{name}.pt2",
+             "onnx fp32": workdir / f"{name}.onnx", "onnx int8": workdir / f"{name}.int8.onnx"}
+    torch.save(model.state_dict(), files["fp32 state dict"])
+    torch.export.save(program, files["model.pt2"])
+    variants: dict[str, Callable] = {"fp32 eager": model, "fp32 compiled": _Frozen(model),
+                                     "int8 compiled": compile_quantized(program)}
+    if not args.skip_ort:
+        export_patch_onnx(model, files["onnx fp32"])
+        quantize_onnx(files["onnx fp32"], files["onnx int8"], KeptTokenDataReader(data, model))
+        variants["ort fp32"] = OrtViT(files["onnx fp32"], model, threads=torch.get_num_threads())
+        variants["ort int8"] = OrtViT(files["onnx int8"], model, threads=torch.get_num_threads())
+    shape = tuple(data.pixel_values.shape[1:])
+    result: dict[str, Any] = {"model": name, "input": list(shape), "quantize_seconds": quantize_seconds,
+                              "calibration": data.source, "calibration_images": len(data),
+                              "sizes_bytes": {k: p.stat().st_size for k, p in files.items() if p.exists()},
+                              "latency": {}}
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        inputs = torch.randn(batch, *shape, generator=generator)
+        with torch.no_grad():
+            reference = model(inputs)
+        rows = {}
+        for variant, forward in variants.items():
+            timing, out = measure(forward, inputs, args.repeats, args.warmup)
+            rows[variant] = {**timing, "ms_per_image": 1000 * timing["median_s"] / batch,
+                             "sqnr_db_vs_fp32": sqnr_db(reference, out.float())}
+        result["latency"][str(batch)] = rows
+    return result
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for result in results:
+        sizes = result["sizes_bytes"]
+        fp32 = sizes.get("fp32 state dict", 1)
+        lines.append(f"{result['model']} {tuple(result['input'])}: sizes " + ", ".join(
+            f"{k} {v / 1e6:.2f} MB ({100 * v / fp32:.0f}%)" for k, v in sizes.items()))
+        header = ["batch"] + [v for v in VARIANTS if v in next(iter(result["latency"].values()))]
+        table = [header]
+        for batch, rows in result["latency"].items():
+            base = rows["fp32 eager"]["median_s"]
+            table.append([batch] + [f"{1000 * rows[v]['median_s']:.2f} ms (x{base / rows[v]['median_s']:.2f})"
+                                    for v in header[1:]])
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    lines.append("latency: median per batch (speed-up over FP32 eager); noisy unless the machine is quiet")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated zoo or timm names")
+    parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default: %(default)s)")
+    parser.add_argument("--zoo-batches", default="1,32,100",
+                        help="batch sizes for zoo teachers (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (the first compiles)")
+    parser.add_argument("--calibration-images", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=100, help="inversion iterations (zoo teachers)")
+    parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime variants")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            batches = args.zoo_batches if name in zoo_names() else args.batches
+            results.append(bench_model(name, [int(b) for b in batches.split(",")], args, Path(tmp)))
+    import torchao
+
+    report = {"torch": torch.__version__, "torchao": torchao.__version__, "threads": torch.get_num_threads(),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeats": args.repeats, "results": results}
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""A deployable, fast int8 model out of torchao's pt2e flow: lower, export, save, load.
+
+After ``quantize_with_inverted_data`` (calibration on retained tokens only), the converted pt2e graph
+is wrapped as a dense-image model (normalized images ``(B, C, H, W)`` -> logits, every patch kept),
+re-exported with ``torch.export`` (the int8 weights are folded graph constants; the FP32 weights
+are not kept) and saved as ``DIR/model.pt2`` beside a JSON card ``DIR/card.json``.
+``load_quantized(DIR)`` returns the module compiled by inductor with ``freezing`` on, as torchao's
+X86 inductor tutorial does, so its linears run oneDNN int8 kernels.
+
+Example:
+    >>> qmodel = quantize_with_inverted_data(teacher, data, "w8a8")
+    >>> program = export_quantized(qmodel)
+    >>> save_quantized(program, "out/", card)
+    >>> fast = load_quantized("out/")            # normalized images -> logits, int8 kernels
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from smi_plugin.tokens import PatchGrid, images_to_patches
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "smi-plugin/quantized-vit/v1"
+MODEL_FILE = "model.pt2"
+CARD_FILE = "card.json"
+# Schemes whose pt2e graph inductor lowers to int8 (oneDNN qlinear) kernels. w4a8 keeps 4-bit
+# weight values in int8 storage: W4 accuracy, W8 speed and size.
+LOWERABLE_SCHEMES = ("w8a8", "w4a8")
+
+
+class QuantizedModelError(ValueError):
+    """A saved quantized model that cannot be used here (missing files, other format or versions)."""
+
+
+def check_deployable(scheme: str, backend: str = "pt2e", coverage: str = "linear") -> None:
+    """Raise ``ValueError`` (one line) unless this setting can be lowered to int8 kernels and saved."""
+    if backend != "pt2e":
+        raise ValueError(f"backend {backend!r} gives an in-memory model only; use backend 'pt2e' to lower and "
+                         "save a deployable model")
+    if scheme not in LOWERABLE_SCHEMES:
+        raise ValueError(f"scheme {scheme!r} has no int8 kernel on this backend (it would only be simulated); "
+                         f"deployable schemes: {', '.join(LOWERABLE_SCHEMES)}")
+    if coverage != "linear":
+        raise ValueError(f"coverage {coverage!r} quantizes ops that have no int8 kernel (simulated q/dq only); "
+                         "use coverage 'linear' for a deployable model")
+
+
+def versions() -> dict[str, str]:
+    """The library versions a saved program depends on."""
+    import torchao
+
+    return {"torch": torch.__version__, "torchao": torchao.__version__}
+
+
+class DenseImageForward(nn.Module):
+    """Normalized images ``(B, C, H, W)`` -> logits through a kept-token forward, every patch kept."""
+
+    def __init__(self, patch_forward: nn.Module, grid: PatchGrid) -> None:
+        super().__init__()
+        self.patch_forward = patch_forward
+        self.patch_size = tuple(grid.patch_size)
+        self.num_patches = grid.num_patches
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = images_to_patches(pixel_values, self.patch_size)
+        positions = torch.arange(self.num_patches, device=pixel_values.device).expand(patches.shape[0], -1)
+        return self.patch_forward(patches, positions)
+
+
+def export_quantized(qmodel: nn.Module, max_batch: int = 4096) -> torch.export.ExportedProgram:
+    """The dense-image ``ExportedProgram`` of a pt2e ``QuantizedViT`` (dynamic batch size).
+
+    Only the tensors the converted graph uses are kept (int8 weights, scales, biases, norms): the
+    FP32 copies of the quantized weights are dropped.
+    """
+    core = getattr(qmodel, "patch_forward", None)
+    if not isinstance(core, torch.fx.GraphModule):
+        raise ValueError("only a backend='pt2e' quantized model can be exported (got a "
+                         f"{type(core).__name__} core)")
+    slim = torch.fx.GraphModule(core, core.graph)  # copies only the attributes the graph references
+    grid = qmodel.grid
+    example = torch.zeros(2, grid.in_chans, *grid.image_size, device=_device_of(slim))
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        return torch.export.export(DenseImageForward(slim, grid), (example,), dynamic_shapes=({0: batch},))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+class CompiledQuantizedModel(nn.Module):
+    """An inductor-compiled (``freezing`` on) int8 program: normalized images -> logits.
+
+    Compilation happens on the first call of each batch size (tens of seconds on a small CPU);
+    shapes are static so results never depend on which batch sizes were seen before.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        _register_x86_lowering()
+        self.eager = module
+        self._compiled = torch.compile(module, dynamic=False)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        # freezing folds the int8 weights into prepacked oneDNN weights; it is read when compiling
+        with inductor_config.patch(freezing=True):
+            return self._compiled(pixel_values)
+
+
+def _register_x86_lowering() -> None:
+    # Importing the X86 quantizer registers torchao's inductor passes (q/dq -> onednn.qlinear).
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+
+def compile_quantized(program: torch.export.ExportedProgram | nn.Module) -> CompiledQuantizedModel:
+    """The int8-kernel module of an exported quantized program (or of its ``.module()``)."""
+    module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
+    return CompiledQuantizedModel(module)
+
+
+def save_quantized(program: torch.export.ExportedProgram, directory: str | os.PathLike, card: dict[str, Any]) -> Path:
+    """Write ``model.pt2`` and ``card.json`` into ``directory`` atomically (all or nothing).
+
+    ``directory`` must be absent or a previous output of this function (it is then replaced).
+    ``card`` gains (in place) ``format``, ``versions`` and ``files`` (sizes in bytes).
+    """
+    target = Path(directory)
+    check_output_directory(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        torch.export.save(program, staging / MODEL_FILE)
+        card.update(format=FORMAT, versions=versions(), files={MODEL_FILE: (staging / MODEL_FILE).stat().st_size})
+        (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        os.chmod(staging, 0o777 & ~_umask())
+        if target.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, trash / "old")
+            os.replace(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    logger.info("saved the quantized model to %s", target)
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_directory(directory: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``directory`` is absent or a previous output of ``save_quantized``."""
+    path = Path(directory)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"--out {path} exists and is not a directory; choose a new path")
+    card = path / CARD_FILE
+    try:
+        ours = json.loads(card.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours and any(path.iterdir()):
+        raise ValueError(f"--out {path} exists and is not a previous 'smi quantize' output; "
+                         "refusing to overwrite it (choose a new path or remove it)")
+
+
+def read_card(directory: str | os.PathLike) -> dict[str, Any]:
+    """The JSON card of a saved quantized model."""
+    path = Path(directory) / CARD_FILE
+    try:
+        card = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise QuantizedModelError(f"{directory} holds no {CARD_FILE}: not a saved quantized model") from err
+    if card.get("format") != FORMAT:
+        raise QuantizedModelError(f"{path} has format {card.get('format')!r}; this version reads {FORMAT!r}")
+    return card
+
+
+def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Module:
+    """Load a saved quantized ViT: normalized images ``(B, C, H, W)`` -> logits.
+
+    Args:
+        directory: an output of ``smi quantize --out`` / ``save_quantized``.
+        compile: return the inductor-compiled int8 module (default); ``False`` gives the eager
+            exported module (q/dq simulation, slow, for debugging).
+
+    Raises:
+        QuantizedModelError: missing files, another format, or saved under other torch/torchao versions.
+    """
+    card = read_card(directory)
+    saved, here = card.get("versions", {}), versions()
+    if saved != here:
+        raise QuantizedModelError(f"{directory} was saved with torch {saved.get('torch')}/torchao "
+                                  f"{saved.get('torchao')} but this is torch {here['torch']}/torchao "
+                                  f"{here['torchao']}; re-run 'smi quantize' with these versions")
+    _register_x86_lowering()  # the program holds torchao's quantize/dequantize ops
+    program = torch.export.load(Path(directory) / MODEL_FILE)
+    return compile_quantized(program) if compile else program.module()
+
+
+def time_forward(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, repeats: int = 5,
+                 warmup: int = 1) -> float:
+    """Median seconds of ``forward(inputs)`` over ``repeats`` calls, after ``warmup`` calls."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            forward(inputs)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(inputs)
+            times.append(time.perf_counter() - started)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
+                            range_estimator: str = "minmax", backend: str = "pt2e", test_split: Any = None,
+                            eval_images: int | None = None, eval_batch_size: int = 500,
+                            calibration: dict[str, Any] | None = None,
+                            teacher_name: str | None = None) -> tuple[torch.export.ExportedProgram, nn.Module, dict]:
+    """Calibrate on ``dataset``'s retained tokens, lower, export, compile and evaluate.
+
+    Args:
+        teacher: the FP32 timm ViT.
+        dataset: a ``SparseInvertedCalibrationDataset``.
+        scheme, coverage, range_estimator, backend: see ``InvertedPTQConfig`` (checked by
+            ``check_deployable`` first).
+        test_split: real held-out ``ImageSplit`` to evaluate on (``None``: accuracies are null).
+        eval_images: evaluate on the first N held-out images only (recorded in the card).
+        eval_batch_size: evaluation batch size (recorded: it picks the compiled kernels).
+        calibration: provenance for the card (source, images, seed, inversion config).
+        teacher_name: the name recorded in the card.
+
+    Returns:
+        ``(program, compiled module, card)``; save with ``save_quantized(program, DIR, card)``.
+    """
+    from smi_plugin.evaluation import predict_logits, sqnr_db, top1_accuracy
+    from smi_plugin.images import model_normalization
+
+    from .torchao import quantize_with_inverted_data
+
+    check_deployable(scheme, backend, coverage)
+    qmodel = quantize_with_inverted_data(teacher, dataset, scheme, backend=backend, coverage=coverage,
+                                         range_estimator=range_estimator)
+    program = export_quantized(qmodel)
+    compiled = compile_quantized(program)
+    card: dict[str, Any] = {
+        "teacher": teacher_name or teacher.pretrained_cfg.get("zoo_name") or teacher.pretrained_cfg.get("architecture"),
+        "scheme": scheme, "backend": backend, "coverage": coverage, "range_estimator": range_estimator,
+        "input": {"shape": ["B", qmodel.grid.in_chans, *qmodel.grid.image_size],
+                  "normalization": dict(zip(("mean", "std"), map(list, model_normalization(teacher))))},
+        "calibration": {"source": dataset.source, "images": len(dataset), "kept_fraction": dataset.kept_fraction,
+                        **(calibration or {})},
+        "fp32_accuracy": None, "quantized_accuracy": None, "agreement": None, "sqnr_db": None,
+        "evaluation": None, "latency": None,
+    }
+    mean, std = model_normalization(teacher)
+    if test_split is not None:
+        if eval_images:
+            test_split = test_split.subset(torch.arange(len(test_split)) < eval_images)
+        started = time.perf_counter()
+        quantized = predict_logits(compiled, test_split, mean, std, batch_size=eval_batch_size)
+        first_pass = time.perf_counter() - started
+        with torch.no_grad():
+            reference = predict_logits(teacher.eval(), test_split, mean, std, batch_size=eval_batch_size)
+        card.update(fp32_accuracy=top1_accuracy(reference, test_split.labels),
+                    quantized_accuracy=top1_accuracy(quantized, test_split.labels),
+                    agreement=(reference.argmax(1) == quantized.argmax(1)).float().mean().item(),
+                    sqnr_db=sqnr_db(reference, quantized),
+                    evaluation={"split": "held-out (real)", "images": len(test_split), "first_images": True,
+                                "batch_size": eval_batch_size, "compile_and_eval_seconds": first_pass})
+        batch = min(eval_batch_size, len(test_split))
+        inputs = torch.randn(batch, qmodel.grid.in_chans, *qmodel.grid.image_size)
+        seconds = time_forward(compiled, inputs, repeats=3)
+        card["latency"] = {"batch": batch, "seconds_per_batch": seconds, "ms_per_image": 1000 * seconds / batch,
+                           "threads": torch.get_num_threads(), "note": "int8 compiled, measured once; noisy"}
+    return program, compiled, card

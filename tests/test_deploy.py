@@ -1,0 +1,170 @@
+"""The deployable int8 model: smi quantize --out, model.pt2 + card.json, load_quantized.
+
+Compiles are the cost here (tens of seconds each on a small CPU): the module fixtures compile the
+digits teacher's program a few times only, and identical graphs hit inductor's cache.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from smi_plugin import load_quantized as root_load_quantized
+from smi_plugin import load_teacher
+from smi_plugin.calibration import SparseInvertedCalibrationDataset
+from smi_plugin.cli import main
+from smi_plugin.data import load_split
+from smi_plugin.images import model_normalization, normalize
+from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, QuantizedModelError, check_deployable,
+                                            compile_quantized, export_quantized, load_quantized, save_quantized)
+from smi_plugin.integrations.torchao import quantize_with_inverted_data
+
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
+EVAL_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_teacher("digits-vit")
+
+
+@pytest.fixture(scope="module")
+def cli_output(tmp_path_factory):
+    """One run of ``smi quantize --out`` (sparse inversion, 16 calibration images)."""
+    out = tmp_path_factory.mktemp("quantize") / "model"
+    main(["quantize", "--teacher", "digits-vit", "--iterations", "20", "--tie-channels", "--num-calibration", "16",
+          "--eval-images", str(EVAL_IMAGES), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def in_memory(teacher, tmp_path_factory):
+    """An in-memory quantized program, its compiled module, and the same program saved to disk."""
+    data = SparseInvertedCalibrationDataset.gaussian(teacher, 16)
+    program = export_quantized(quantize_with_inverted_data(teacher, data, "w8a8"))
+    directory = tmp_path_factory.mktemp("saved") / "model"
+    save_quantized(program, directory, {"scheme": "w8a8", "teacher": "digits-vit"})
+    return program, compile_quantized(program), directory
+
+
+@pytest.fixture(scope="module")
+def real_images(teacher):
+    mean, std = model_normalization(teacher)
+    return normalize(load_split("digits", "test").images(slice(0, 64)), mean, std)
+
+
+def test_the_card_describes_the_model(cli_output):
+    card = json.loads((cli_output / CARD_FILE).read_text())
+    assert card["format"] == FORMAT and card["scheme"] == "w8a8" and card["backend"] == "pt2e"
+    assert card["teacher"] == "digits-vit" and card["coverage"] == "linear" and card["range_estimator"] == "minmax"
+    assert card["calibration"]["source"] == "sparse-inverted" and card["calibration"]["images"] == 16
+    assert card["calibration"]["seed"] == 0 and card["calibration"]["inversion"]["iterations"] == 20
+    assert card["calibration"]["kept_fraction"] < 0.5
+    assert card["evaluation"]["images"] == EVAL_IMAGES
+    assert 0.9 <= card["fp32_accuracy"] <= 1 and card["quantized_accuracy"] >= card["fp32_accuracy"] - 0.03
+    assert card["agreement"] >= 0.97 and card["sqnr_db"] > 20
+    assert card["latency"]["seconds_per_batch"] > 0
+    assert card["versions"]["torch"] == torch.__version__ and card["versions"]["torchao"]
+    assert card["files"][MODEL_FILE] == (cli_output / MODEL_FILE).stat().st_size
+    assert sorted(p.name for p in cli_output.iterdir()) == [CARD_FILE, MODEL_FILE]  # no temp files left
+
+
+def test_a_fresh_process_reproduces_the_card_accuracy(cli_output):
+    script = f"""
+import json, torch
+from smi_plugin import load_quantized, load_teacher
+from smi_plugin.data import load_split
+from smi_plugin.evaluation import predict_logits, top1_accuracy
+from smi_plugin.images import model_normalization
+card = json.load(open({str(cli_output / CARD_FILE)!r}))
+mean, std = model_normalization(load_teacher(card["teacher"]))
+split = load_split("digits", "test")
+split = split.subset(torch.arange(len(split)) < card["evaluation"]["images"])
+model = load_quantized({str(cli_output)!r})
+logits = predict_logits(model, split, mean, std, batch_size=card["evaluation"]["batch_size"])
+print("ACCURACY", repr(top1_accuracy(logits, split.labels)), repr(card["quantized_accuracy"]))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("ACCURACY")][0]
+    _, reproduced, recorded = line.split()
+    assert reproduced == recorded
+
+
+def test_loaded_model_equals_the_in_memory_one_bit_for_bit(in_memory, real_images):
+    program, compiled, directory = in_memory
+    with torch.no_grad():
+        eager_loaded = load_quantized(directory, compile=False)(real_images)
+        assert torch.equal(eager_loaded, program.module()(real_images))
+        fast = root_load_quantized(directory)
+        assert torch.equal(fast(real_images), compiled(real_images))
+        # the compiled int8 kernels stay close to the eager q/dq simulation
+        assert torch.nn.functional.cosine_similarity(fast(real_images), eager_loaded).min() > 0.99
+
+
+def test_the_int8_file_holds_no_fp32_weights(in_memory, teacher):
+    _, _, directory = in_memory
+    fp32_bytes = sum(p.numel() * p.element_size() for p in teacher.state_dict().values())
+    with zipfile.ZipFile(directory / MODEL_FILE) as archive:
+        weights = sum(i.file_size for i in archive.infolist() if "/data/weights/weight" in i.filename)
+        total = sum(i.file_size for i in archive.infolist())
+    assert weights <= 0.35 * fp32_bytes
+    # the rest is the serialized graph (about 0.25 MB, fixed): small next to a real model's weights
+    assert total - weights < 400_000
+
+
+def test_other_versions_and_foreign_directories_get_one_line_errors(in_memory, tmp_path):
+    _, _, directory = in_memory
+    moved = tmp_path / "old"
+    shutil.copytree(directory, moved)
+    card = json.loads((moved / CARD_FILE).read_text())
+    card["versions"]["torchao"] = "0.1.0"
+    (moved / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(QuantizedModelError, match="torchao 0.1.0") as info:
+        load_quantized(moved)
+    assert "\n" not in str(info.value)
+    with pytest.raises(QuantizedModelError, match="not a saved quantized model"):
+        load_quantized(tmp_path)
+
+
+def test_out_that_is_not_ours_is_refused_before_any_work(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "--teacher", "digits-vit", "--out", str(foreign)])
+    assert "refusing to overwrite" in str(info.value.code) and "\n" not in str(info.value.code)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags, message", [(["--scheme", "w4a4"], "no int8 kernel"),
+                                            (["--coverage", "full"], "coverage 'full'"),
+                                            (["--backend", "quantize_"], "in-memory model only")])
+def test_settings_that_cannot_be_lowered_fail_before_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "--teacher", "digits-vit", "--out", str(tmp_path / "x"), *flags])
+    assert str(info.value.code).startswith("smi: error:") and message in str(info.value.code)
+    assert not (tmp_path / "x").exists()
+
+
+def test_check_deployable_accepts_the_lowerable_schemes():
+    check_deployable("w8a8")
+    check_deployable("w4a8")
+    with pytest.raises(ValueError):
+        check_deployable("w8a6")
+
+
+def test_importing_the_adapters_imports_no_toolkit():
+    code = ("import sys, smi_plugin, smi_plugin.integrations.torchao, smi_plugin.integrations.deploy, "
+            "smi_plugin.integrations.onnxruntime, smi_plugin.integrations.calibration_hooks; "
+            "print(sorted(m for m in ('torchao', 'onnxruntime', 'onnx') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent)
+    assert result.stdout.strip() == "[]", result.stderr[-2000:]

@@ -1,0 +1,32 @@
+"""benchmarks/quantized_speed.py runs at a tiny size and reports every variant and size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_quantized_speed_reports_latency_and_sizes(tmp_path):
+    out = tmp_path / "speed.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/quantized_speed.py"), "--models", "digits-vit",
+                             "--zoo-batches", "4", "--repeats", "1", "--warmup", "1", "--calibration-images", "8",
+                             "--iterations", "8", "--json", str(out)], env=ENV, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (digits,) = report["results"]
+    rows = digits["latency"]["4"]
+    assert set(rows) == {"fp32 eager", "fp32 compiled", "int8 compiled", "ort fp32", "ort int8"}
+    assert all(r["median_s"] > 0 for r in rows.values())
+    assert rows["fp32 compiled"]["sqnr_db_vs_fp32"] > 60 and rows["ort fp32"]["sqnr_db_vs_fp32"] > 60
+    assert rows["int8 compiled"]["sqnr_db_vs_fp32"] > 15 and rows["ort int8"]["sqnr_db_vs_fp32"] > 10
+    sizes = digits["sizes_bytes"]
+    assert sizes["model.pt2"] < sizes["fp32 state dict"] and sizes["onnx int8"] < sizes["onnx fp32"]
+    assert "int8 compiled" in result.stdout
