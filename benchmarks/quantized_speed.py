@@ -56,39 +56,8 @@ def calibration_set(model: torch.nn.Module, name: str, images: int, iterations: 
     return SparseInvertedCalibrationDataset.gaussian(model, images)
 
 
-class _Frozen(torch.nn.Module):
-    """``torch.compile`` with inductor freezing, like the int8 path (a fair FP32 compiled baseline)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.compiled = torch.compile(model, dynamic=False)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch._inductor.config as inductor_config
-
-        with inductor_config.patch(freezing=True):
-            return self.compiled(x)
-
-
-def measure(forward: Callable, inputs: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
-    with torch.no_grad():
-        started = time.perf_counter()
-        out = forward(inputs)
-        first = time.perf_counter() - started
-        for _ in range(max(0, warmup - 1)):
-            forward(inputs)
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            forward(inputs)
-            times.append(time.perf_counter() - started)
-    times.sort()
-    return {"median_s": times[len(times) // 2], "min_s": times[0], "first_call_s": first}, out
-
-
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from smi_plugin.integrations.deploy import compile_quantized, export_quantized
+    from smi_plugin.integrations.deploy import FrozenCompiled, compile_quantized, export_quantized, timed_calls
     from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
     from smi_plugin.integrations.torchao import quantize_with_inverted_data
 
@@ -101,7 +70,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
              "onnx fp32": workdir / f"{name}.onnx", "onnx int8": workdir / f"{name}.int8.onnx"}
     torch.save(model.state_dict(), files["fp32 state dict"])
     torch.export.save(program, files["model.pt2"])
-    variants: dict[str, Callable] = {"fp32 eager": model, "fp32 compiled": _Frozen(model),
+    variants: dict[str, Callable] = {"fp32 eager": model, "fp32 compiled": FrozenCompiled(model),
                                      "int8 compiled": compile_quantized(program)}
     if not args.skip_ort:
         export_patch_onnx(model, files["onnx fp32"])
@@ -120,7 +89,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
             reference = model(inputs)
         rows = {}
         for variant, forward in variants.items():
-            timing, out = measure(forward, inputs, args.repeats, args.warmup)
+            timing, out = timed_calls(forward, inputs, args.repeats, args.warmup)
             rows[variant] = {**timing, "ms_per_image": 1000 * timing["median_s"] / batch,
                              "sqnr_db_vs_fp32": sqnr_db(reference, out.float())}
         result["latency"][str(batch)] = rows

@@ -24,35 +24,17 @@ import torch
 from torch import nn
 
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
-from smi_plugin.tokens import (PatchGrid, check_vit, forward_kept_tokens, forward_patches, images_to_patches,
-                               mask_to_indices, patch_grid)
+from smi_plugin.tokens import PatchLevelViT, forward_kept_tokens, kept_patch_groups, patch_grid
 
-
-class PatchLevelViT(nn.Module):
-    """``(patches (B, K, C*p*p), positions (B, K)) -> logits``: the ViT run on the given patches only.
-
-    Shares ``model``'s parameters (no copy), so a toolkit that instruments this module's
-    submodules instruments the model itself.
-    """
-
-    def __init__(self, model: nn.Module, image_size: tuple[int, int] | None = None) -> None:
-        super().__init__()
-        check_vit(model)
-        self.model = model
-        self.grid: PatchGrid = patch_grid(model, image_size)
-
-    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return forward_patches(self.model, self.grid, patches, positions)
+__all__ = ["PatchLevelViT", "kept_token_forward_loop", "kept_token_inputs"]
 
 
 def kept_token_inputs(dataset: SparseInvertedCalibrationDataset, model: nn.Module,
                       batch_size: int = 32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """``(patches, positions)`` of each batch's retained patches (equal kept count per batch)."""
     grid = patch_grid(model, tuple(dataset.pixel_values.shape[2:]))
-    for batch in dataset.batches(batch_size):
-        patches = images_to_patches(batch["pixel_values"], grid.patch_size)
-        kept = mask_to_indices(batch["patch_mask"])
-        yield patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])), kept
+    for _, patches, positions in kept_patch_groups(dataset.pixel_values, dataset.patch_mask, grid, batch_size):
+        yield patches, positions
 
 
 def kept_token_forward_loop(dataset: SparseInvertedCalibrationDataset, batch_size: int = 32,

@@ -103,8 +103,9 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-class CompiledQuantizedModel(nn.Module):
-    """An inductor-compiled (``freezing`` on) int8 program: normalized images -> logits.
+class FrozenCompiled(nn.Module):
+    """``module`` compiled by inductor with ``freezing`` on: the int8 program's runtime form, and the
+    fair FP32 baseline it is compared with.
 
     Compilation happens on the first call of each batch size (tens of seconds on a small CPU);
     shapes are static so results never depend on which batch sizes were seen before.
@@ -112,7 +113,6 @@ class CompiledQuantizedModel(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        _register_x86_lowering()
         self.eager = module
         self._compiled = torch.compile(module, dynamic=False)
 
@@ -130,10 +130,11 @@ def _register_x86_lowering() -> None:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
 
-def compile_quantized(program: torch.export.ExportedProgram | nn.Module) -> CompiledQuantizedModel:
+def compile_quantized(program: torch.export.ExportedProgram | nn.Module) -> FrozenCompiled:
     """The int8-kernel module of an exported quantized program (or of its ``.module()``)."""
     module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
-    return CompiledQuantizedModel(module)
+    _register_x86_lowering()
+    return FrozenCompiled(module)
 
 
 def save_quantized(program: torch.export.ExportedProgram, directory: str | os.PathLike, card: dict[str, Any]) -> Path:
@@ -222,11 +223,15 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
     return compile_quantized(program) if compile else program.module()
 
 
-def time_forward(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, repeats: int = 5,
-                 warmup: int = 1) -> float:
-    """Median seconds of ``forward(inputs)`` over ``repeats`` calls, after ``warmup`` calls."""
+def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, repeats: int = 5,
+                warmup: int = 1) -> tuple[dict[str, float], torch.Tensor]:
+    """Latency of ``forward(inputs)``: median and min over ``repeats`` calls after ``warmup`` calls (the first
+    of which, timed apart as ``first_call_s``, compiles), and the output."""
     with torch.no_grad():
-        for _ in range(warmup):
+        started = time.perf_counter()
+        out = forward(inputs)
+        first = time.perf_counter() - started
+        for _ in range(max(0, warmup - 1)):
             forward(inputs)
         times = []
         for _ in range(repeats):
@@ -234,7 +239,7 @@ def time_forward(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.
             forward(inputs)
             times.append(time.perf_counter() - started)
     times.sort()
-    return times[len(times) // 2]
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "first_call_s": first}, out
 
 
 def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
@@ -295,7 +300,7 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
                                 "batch_size": eval_batch_size, "compile_and_eval_seconds": first_pass})
         batch = min(eval_batch_size, len(test_split))
         inputs = torch.randn(batch, qmodel.grid.in_chans, *qmodel.grid.image_size)
-        seconds = time_forward(compiled, inputs, repeats=3)
+        seconds = timed_calls(compiled, inputs, repeats=3)[0]["median_s"]
         card["latency"] = {"batch": batch, "seconds_per_batch": seconds, "ms_per_image": 1000 * seconds / batch,
                            "threads": torch.get_num_threads(), "note": "int8 compiled, measured once; noisy"}
     return program, compiled, card

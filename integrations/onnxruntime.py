@@ -24,19 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from smi_plugin.tokens import PatchGrid, check_vit, forward_patches, images_to_patches, mask_to_indices, patch_grid
+from smi_plugin.tokens import PatchGrid, PatchLevelViT, check_vit, kept_patch_groups, patch_grid
 
 logger = logging.getLogger(__name__)
 INPUT_NAMES = ("patches", "positions")
-
-
-class _PatchForward(nn.Module):
-    def __init__(self, model: nn.Module, grid: PatchGrid) -> None:
-        super().__init__()
-        self.model, self.grid = model, grid
-
-    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return forward_patches(self.model, self.grid, patches, positions)
 
 
 def export_patch_onnx(model: nn.Module, path: str | os.PathLike, image_size: tuple[int, int] | None = None,
@@ -49,7 +40,7 @@ def export_patch_onnx(model: nn.Module, path: str | os.PathLike, image_size: tup
     check_vit(model)
     model = copy.deepcopy(model).eval().requires_grad_(False).cpu()
     grid = patch_grid(model, image_size)
-    wrapper = _PatchForward(model, grid)
+    wrapper = PatchLevelViT(model, grid.image_size)
     example = (torch.zeros(2, grid.num_patches, grid.patch_dim),
                torch.arange(grid.num_patches).expand(2, -1).contiguous())
     path = str(path)
@@ -68,21 +59,11 @@ def export_patch_onnx(model: nn.Module, path: str | os.PathLike, image_size: tup
     return path
 
 
-def kept_token_inputs(pixel_values: torch.Tensor, patch_mask: torch.Tensor | None, grid: PatchGrid,
-                      batch_size: int = 32) -> Iterator[dict[str, np.ndarray]]:
+def onnx_feeds(pixel_values: torch.Tensor, patch_mask: torch.Tensor | None, grid: PatchGrid,
+               batch_size: int | None = 32) -> Iterator[dict[str, np.ndarray]]:
     """ONNX feeds ``{"patches", "positions"}`` of the retained patches, batches of equal kept count."""
-    patches = images_to_patches(pixel_values.float().cpu(), grid.patch_size)
-    if patch_mask is None:
-        patch_mask = torch.ones(patches.shape[0], *grid.grid_size, dtype=torch.bool)
-    patch_mask = patch_mask.to(torch.bool).cpu()
-    counts = patch_mask.flatten(1).sum(1)
-    for count in counts.unique().tolist():
-        rows = (counts == count).nonzero().squeeze(1)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            kept = mask_to_indices(patch_mask[chunk])
-            chosen = patches[chunk].gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-            yield {"patches": chosen.numpy(), "positions": kept.numpy().astype(np.int64)}
+    for _, patches, positions in kept_patch_groups(pixel_values.float().cpu(), patch_mask, grid, batch_size):
+        yield {"patches": patches.numpy(), "positions": positions.numpy().astype(np.int64)}
 
 
 def KeptTokenDataReader(dataset: Any, model: nn.Module, batch_size: int = 32):  # noqa: N802 - a class factory
@@ -95,7 +76,7 @@ def KeptTokenDataReader(dataset: Any, model: nn.Module, batch_size: int = 32):  
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             grid = patch_grid(model, tuple(dataset.pixel_values.shape[2:]))
-            self._feeds = list(kept_token_inputs(dataset.pixel_values, dataset.patch_mask, grid, batch_size))
+            self._feeds = list(onnx_feeds(dataset.pixel_values, dataset.patch_mask, grid, batch_size))
             self._iter = iter(self._feeds)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -150,5 +131,5 @@ class OrtViT:
     def __call__(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         if patch_mask is not None and bool((patch_mask.flatten(1).sum(1) != patch_mask[0].sum()).any()):
             raise ValueError("OrtViT takes images that all keep the same number of patches")
-        feed = next(kept_token_inputs(pixel_values, patch_mask, self.grid, batch_size=pixel_values.shape[0]))
+        feed = next(onnx_feeds(pixel_values, patch_mask, self.grid, batch_size=pixel_values.shape[0]))
         return torch.from_numpy(self.session.run(["logits"], feed)[0])

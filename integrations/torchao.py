@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
-from smi_plugin.tokens import PatchGrid, check_vit, forward_patches, patch_grid, position_tokens, run_on_kept_patches
+from smi_plugin.tokens import (PatchGrid, PatchLevelViT, check_vit, forward_patches, patch_grid, position_tokens,
+                               run_on_kept_patches)
 
 SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a6": (8, 6), "w4a4": (4, 4)}
 BACKENDS = ("pt2e", "quantize_")
@@ -92,17 +93,6 @@ class QuantizedViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
         return run_on_kept_patches(self.patch_forward, self.grid, pixel_values, patch_mask)
-
-
-class _PatchForward(nn.Module):
-    """The exportable kept-token forward: ``(patches (B, K, C*p*p), positions (B, K)) -> logits``."""
-
-    def __init__(self, model: nn.Module, grid: PatchGrid) -> None:
-        super().__init__()
-        self.model, self.grid = model, grid
-
-    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return forward_patches(self.model, self.grid, patches, positions)
 
 
 def quantize_with_inverted_data(model: nn.Module, dataset: SparseInvertedCalibrationDataset, scheme: str = "w8a8",
@@ -291,7 +281,7 @@ def _calibrate_pt2e(model: nn.Module, grid: PatchGrid, dataset: SparseInvertedCa
     from torch.export import Dim
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    wrapper = _PatchForward(model, grid).eval()
+    wrapper = PatchLevelViT(model, grid.image_size).eval()
     example_patches = torch.zeros(2, grid.num_patches, grid.patch_dim, device=device)
     example_positions = torch.arange(grid.num_patches, device=device).expand(2, -1).contiguous()
     batch, tokens = Dim("batch", min=1, max=1 << 16), Dim("tokens", min=1, max=grid.num_patches)

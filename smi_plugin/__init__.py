@@ -1,21 +1,22 @@
 """smi-plugin: Sparse Model Inversion for data-free quantization and distillation of ViTs.
 
 Example:
-    >>> from smi_plugin import SparseInverter, InversionConfig, StoppingSchedule, load_teacher
+    >>> from smi_plugin import SparseInverter, InversionConfig, load_teacher
     >>> teacher = load_teacher("fashion-mnist-vit")
-    >>> config = InversionConfig(iterations=300, schedule=StoppingSchedule.paper_scaled(300))
-    >>> batch = SparseInverter(teacher, config).invert(range(10))
+    >>> batch = SparseInverter(teacher, InversionConfig(iterations=300)).invert(range(10))
 """
 
+from .batch import InvertedBatch
 from .calibration import SparseInvertedCalibrationDataset
-from .config import InversionConfig
-from .distill import DistillConfig, KDTrainer, distillation_stream, kd_loss
+from .config import PRESETS, InversionConfig
+from .data import load_eval_data
+from .distill import DistillConfig, KDTrainer, distillation_stream, kd_loss, save_student
 from .distributed import invert_to_directory
 from .export import load_inverted, to_hf_dataset
 from .inverter import SparseInverter, derive_seed
-from .batch import InvertedBatch
 from .losses import BASE_METHODS, register_base_method
 from .schedule import StoppingSchedule
+from .selection import SELECTION_POLICIES, register_selection_policy
 from .tokens import UnsupportedModelError, check_vit, forward_kept_tokens
 from .visualize import save_grid, save_stage_strip
 from .zoo import load_teacher
@@ -34,9 +35,9 @@ def load_quantized(directory, compile: bool = True):
 
 
 __all__ = [
-    "BASE_METHODS", "DistillConfig", "InversionConfig", "InvertedBatch", "KDTrainer", "SparseInverter",
-    "SparseInvertedCalibrationDataset", "StoppingSchedule", "UnsupportedModelError", "check_vit", "derive_seed",
-    "distillation_stream", "forward_kept_tokens", "invert_to_directory", "kd_loss", "load_inverted", "load_quantized",
-    "load_teacher",
-    "register_base_method", "save_grid", "save_stage_strip", "to_hf_dataset",
+    "BASE_METHODS", "DistillConfig", "InversionConfig", "InvertedBatch", "KDTrainer", "PRESETS", "SELECTION_POLICIES",
+    "SparseInverter", "SparseInvertedCalibrationDataset", "StoppingSchedule", "UnsupportedModelError", "check_vit",
+    "derive_seed", "distillation_stream", "forward_kept_tokens", "invert_to_directory", "kd_loss", "load_eval_data",
+    "load_inverted", "load_quantized", "load_teacher", "register_base_method", "register_selection_policy",
+    "save_grid", "save_student", "save_stage_strip", "to_hf_dataset",
 ]

@@ -9,7 +9,8 @@
   patches set to 0 (the dataset mean). Data sources (``DistillConfig.source``): ``pool`` (a fixed
   pool of inverted images, an ``InvertedBatch``), ``alternating`` (the paper's: invert a batch,
   take KD steps, repeat) and ``online`` (a pool under continual inversion, ``OnlinePool``).
-* ``save_student``/``load_student``: the student as ``student.safetensors`` + ``student.json``.
+* ``save_student``: the student as ``student.safetensors`` + ``student.json``, which
+  ``load_teacher(DIR)`` loads back as any timm user would.
 
 The inverted-data streams moved to ``smi_plugin.stream`` (re-exported here).
 """
@@ -39,6 +40,7 @@ from .online import OnlinePool
 from .progress import progress_bar
 from .stream import distillation_stream, stream_from_inverted  # noqa: F401  (public here too)
 from .tokens import UnsupportedModelError, check_vit, forward_kept_tokens
+from .zoo import SAVED_CARD, SAVED_FORMAT, SAVED_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +424,6 @@ class KDTrainer:
 
 
 # ------------------------------------------------------------------------------------ students
-STUDENT_WEIGHTS, STUDENT_CARD = "student.safetensors", "student.json"
 
 
 def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping[str, Any]) -> Path:
@@ -430,7 +431,7 @@ def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping
 
     ``card`` must hold ``architecture`` (a timm name), ``model_kwargs`` (``timm.create_model``
     keywords, JSON values), ``num_classes``, ``mean`` and ``std``; anything else (accuracy, teacher,
-    dataset, mode) is kept as is. ``load_student`` reads it back.
+    dataset, mode) is kept as is. ``smi_plugin.load_teacher(directory)`` reads it back.
     """
     from safetensors.torch import save_file
 
@@ -440,24 +441,9 @@ def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    with atomic_path(out / STUDENT_WEIGHTS) as tmp:
+    with atomic_path(out / SAVED_WEIGHTS) as tmp:
         save_file(weights, str(tmp))
-    body = {"format": "smi-student/1", **card, "weights": STUDENT_WEIGHTS, "mean": list(card["mean"]),
+    body = {"format": SAVED_FORMAT, **card, "weights": SAVED_WEIGHTS, "mean": list(card["mean"]),
             "std": list(card["std"])}
-    atomic_write_text(out / STUDENT_CARD, json.dumps(body, indent=2, default=list) + "\n")
+    atomic_write_text(out / SAVED_CARD, json.dumps(body, indent=2, default=list) + "\n")
     return out
-
-
-def load_student(directory: str | os.PathLike) -> nn.Module:
-    """The student ``save_student`` wrote, in eval mode, with its normalization in ``pretrained_cfg``."""
-    import timm
-    from safetensors.torch import load_file
-
-    root = Path(directory)
-    card = json.loads((root / STUDENT_CARD).read_text())
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in card["model_kwargs"].items()}
-    kwargs["num_classes"] = card["num_classes"]
-    model = timm.create_model(card["architecture"], pretrained=False, **kwargs)
-    model.load_state_dict(load_file(str(root / card.get("weights", STUDENT_WEIGHTS))))
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(card["mean"]), "std": tuple(card["std"])}
-    return model.eval()

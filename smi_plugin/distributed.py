@@ -33,7 +33,7 @@ from torch import nn
 
 from .config import InversionConfig
 from .export import FORMAT, to_hf_dataset, write_dataset_card
-from .inverter import SparseInverter, derive_seed
+from .inverter import SparseInverter, check_labels, derive_seed
 from .batch import InvertedBatch
 from .io import atomic_path, atomic_write_text
 
@@ -213,7 +213,7 @@ def invert_to_directory(model: nn.Module, config: InversionConfig, out_dir: str 
     inverter = SparseInverter(model.to(state.device), config, progress=False)
     teacher = teacher or model.pretrained_cfg.get("zoo_name") or model.pretrained_cfg.get("architecture", "model")
     names = class_names or model.pretrained_cfg.get("label_names") or [str(i) for i in range(inverter.num_classes)]
-    inverter._check_labels(list(labels))
+    check_labels(list(labels), inverter.num_classes, inverter.device)
     manifest = run_manifest(teacher, config, labels, seed, inverter.mean, inverter.std, names, inverter.num_classes)
     shards = ShardDirectory(out_dir, manifest)
     if state.is_main_process:

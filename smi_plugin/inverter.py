@@ -189,10 +189,6 @@ class SparseInverter:
     def num_classes(self) -> int:
         return int(self.model.num_classes)
 
-    def _check_labels(self, labels: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        # Kept for callers of the old private name (smi_plugin.distributed).
-        return check_labels(labels, self.num_classes, self.device)
-
     def invert(self, labels: Sequence[int] | torch.Tensor, seed: int | None = None,
                snapshots: bool = False) -> InvertedBatch:
         """Invert one image per label (``selection="rebirth"``: several sparse samples per label).

@@ -172,6 +172,24 @@ def forward_patches(model: nn.Module, grid: PatchGrid, patches: torch.Tensor, po
     return forward_tokens(model, tokens)
 
 
+class PatchLevelViT(nn.Module):
+    """``(patches (B, K, C*p*p), positions (B, K)) -> logits``: the ViT run on the given patches only.
+
+    A thin module over ``forward_patches`` (the form exporters, quantizers and calibration hooks
+    trace). It shares ``model``'s parameters, so a toolkit that instruments its submodules
+    instruments the model itself.
+    """
+
+    def __init__(self, model: nn.Module, image_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        check_vit(model)
+        self.model = model
+        self.grid: PatchGrid = patch_grid(model, image_size)
+
+    def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return forward_patches(self.model, self.grid, patches, positions)
+
+
 def forward_kept_tokens(model: nn.Module, pixel_values: torch.Tensor,
                         patch_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of a timm ViT when only the kept patches enter the transformer.
@@ -192,20 +210,20 @@ def forward_kept_tokens(model: nn.Module, pixel_values: torch.Tensor,
                                pixel_values, patch_mask)
 
 
-def run_on_kept_patches(patch_forward, grid: PatchGrid, pixel_values: torch.Tensor,
-                        patch_mask: torch.Tensor | None) -> torch.Tensor:
-    """Apply ``patch_forward(patches (b, K, C*p*p), positions (b, K))`` to the kept patches of each image.
+def kept_patch_groups(pixel_values: torch.Tensor, patch_mask: torch.Tensor | None, grid: PatchGrid,
+                      batch_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(rows, patches (b, K, C*p*p), positions (b, K))`` of each image's retained patches.
 
-    Images are grouped by kept count (so every call is rectangular) and outputs returned in input
-    order; ``patch_mask=None`` keeps every patch.
+    Images are grouped by kept count, so every group is rectangular, with at most ``batch_size``
+    images per group; ``patch_mask=None`` keeps every patch. The one place that turns masked images
+    into what a kept-token forward takes (calibration, exporters, toolkit hooks all read it).
     """
     if pixel_values.dim() != 4 or pixel_values.shape[1] != grid.in_chans:
         raise ValueError(f"pixel_values must be (B, {grid.in_chans}, H, W), got {tuple(pixel_values.shape)}")
     patches = images_to_patches(pixel_values, grid.patch_size)
     b = patches.shape[0]
     if patch_mask is None:
-        positions = torch.arange(grid.num_patches, device=patches.device).expand(b, -1)
-        return patch_forward(patches, positions)
+        patch_mask = torch.ones(b, *grid.grid_size, dtype=torch.bool, device=patches.device)
     if patch_mask.shape != (b, *grid.grid_size):
         raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)} but the model's patch grid for these "
                          f"images is {(b, *grid.grid_size)}")
@@ -213,14 +231,26 @@ def run_on_kept_patches(patch_forward, grid: PatchGrid, pixel_values: torch.Tens
     counts = patch_mask.flatten(1).sum(1)
     if bool((counts == 0).any()):
         raise ValueError("patch_mask keeps no patch for some images; every image needs at least one kept patch")
-    outputs = None
     for count in counts.unique().tolist():
         rows = (counts == count).nonzero().squeeze(1)
-        kept = mask_to_indices(patch_mask[rows])
-        chosen = patches[rows].gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        out = patch_forward(chosen, kept)
+        step = batch_size or len(rows)
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            kept = mask_to_indices(patch_mask[chunk])
+            yield chunk, patches[chunk].gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1])), kept
+
+
+def run_on_kept_patches(patch_forward, grid: PatchGrid, pixel_values: torch.Tensor,
+                        patch_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply ``patch_forward(patches (b, K, C*p*p), positions (b, K))`` to the kept patches of each image.
+
+    Outputs are returned in input order; ``patch_mask=None`` keeps every patch.
+    """
+    outputs = None
+    for rows, patches, positions in kept_patch_groups(pixel_values, patch_mask, grid):
+        out = patch_forward(patches, positions)
         if outputs is None:
-            outputs = out.new_empty(b, *out.shape[1:])
+            outputs = out.new_empty(pixel_values.shape[0], *out.shape[1:])
         outputs[rows] = out
     return outputs
 

@@ -60,3 +60,19 @@ def family_vit(request) -> torch.nn.Module:
 def tiny_vit() -> torch.nn.Module:
     name, overrides = FAMILIES["zoo_shape"]
     return make_vit(name, **overrides)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher() -> torch.nn.Module:
+    from smi_plugin import load_teacher
+
+    return load_teacher("digits-vit")
+
+
+@pytest.fixture(scope="session")
+def digits_calibration(digits_teacher):
+    """16 sparse inversions of the digits teacher (60 iterations, paper stages scaled): calibration data."""
+    from smi_plugin import InversionConfig, SparseInvertedCalibrationDataset
+
+    config = InversionConfig(iterations=60, batch_size=16, tie_channels=True)
+    return SparseInvertedCalibrationDataset.from_inverter(digits_teacher, 16, config, progress=False)

@@ -134,23 +134,25 @@ def test_other_versions_and_foreign_directories_get_one_line_errors(in_memory, t
         load_quantized(tmp_path)
 
 
-def test_out_that_is_not_ours_is_refused_before_any_work(tmp_path):
+def test_out_that_is_not_ours_is_refused_before_any_work(tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     with pytest.raises(SystemExit) as info:
         main(["quantize", "--teacher", "digits-vit", "--out", str(foreign)])
-    assert "refusing to overwrite" in str(info.value.code) and "\n" not in str(info.value.code)
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and "refusing to overwrite" in error and "\n" not in error
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
 
 
 @pytest.mark.parametrize("flags, message", [(["--scheme", "w4a4"], "no int8 kernel"),
                                             (["--coverage", "full"], "coverage 'full'"),
                                             (["--backend", "quantize_"], "in-memory model only")])
-def test_settings_that_cannot_be_lowered_fail_before_work(tmp_path, flags, message):
+def test_settings_that_cannot_be_lowered_fail_before_work(tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(["quantize", "--teacher", "digits-vit", "--out", str(tmp_path / "x"), *flags])
-    assert str(info.value.code).startswith("smi: error:") and message in str(info.value.code)
+    error = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and error.startswith("smi: error:") and message in error
     assert not (tmp_path / "x").exists()
 
 

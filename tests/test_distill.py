@@ -17,7 +17,6 @@ from smi_plugin.distill import (
     kd_loss,
     learning_rate,
     linear_probe_student,
-    load_student,
     sample_batch,
     save_student,
 )
@@ -252,7 +251,7 @@ def test_student_is_saved_where_timm_loads_it(tmp_path):
     save_student(student, tmp_path, card)
     written = json.loads((tmp_path / "student.json").read_text())
     assert written["weights"] == "student.safetensors" and written["accuracy"] == 0.5
-    loaded = load_student(tmp_path)
+    loaded = load_teacher(str(tmp_path))
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(loaded(x), student.eval()(x)) and loaded.pretrained_cfg["mean"] == (0.3, 0.3, 0.3)
     with pytest.raises(ValueError, match="architecture"):
@@ -279,7 +278,7 @@ def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, c
     # A from-scratch student this short stays near chance: it must be reported as a failure, loudly.
     assert any("FAILED" in r.getMessage() for r in caplog.records) == report["failed"]
     assert json.loads(capsys.readouterr().out)["failed"] == report["failed"]  # stdout stays JSON
-    student = load_student(out)
+    student = load_teacher(str(out))
     card = json.loads((out / "student.json").read_text())
     assert card["architecture"] == "vit_tiny_patch16_224" and card["num_classes"] == 10
     assert abs(card["accuracy"] - report["student_accuracy"]) < 1e-9 and student.num_classes == 10

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from smi_plugin import InversionConfig, StoppingSchedule, load_teacher
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.data import load_split
 from smi_plugin.images import model_normalization, normalize
@@ -17,19 +16,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 @pytest.fixture(scope="module")
-def teacher():
-    return load_teacher("digits-vit")
-
-
-@pytest.fixture(scope="module")
-def sparse_data(teacher):
-    config = InversionConfig(iterations=30, batch_size=16, schedule=StoppingSchedule.paper_scaled(30), tie_channels=True)
-    return SparseInvertedCalibrationDataset.from_inverter(teacher, 12, config, progress=False)
-
-
-@pytest.fixture(scope="module")
-def onnx_path(teacher, tmp_path_factory):
-    return export_patch_onnx(teacher, tmp_path_factory.mktemp("onnx") / "vit.onnx")
+def onnx_path(digits_teacher, tmp_path_factory):
+    return export_patch_onnx(digits_teacher, tmp_path_factory.mktemp("onnx") / "vit.onnx")
 
 
 def _huge_background(data: SparseInvertedCalibrationDataset) -> SparseInvertedCalibrationDataset:
@@ -38,27 +26,27 @@ def _huge_background(data: SparseInvertedCalibrationDataset) -> SparseInvertedCa
         data.pixel_values, 1e4)), data.patch_mask, data.labels)
 
 
-def test_stopped_patches_do_not_move_ort_calibration_ranges(teacher, sparse_data, onnx_path, tmp_path):
-    assert sparse_data.kept_fraction < 0.5
-    clean = calibration_ranges(onnx_path, KeptTokenDataReader(sparse_data, teacher), tmp_path)
-    noisy = calibration_ranges(onnx_path, KeptTokenDataReader(_huge_background(sparse_data), teacher), tmp_path)
+def test_stopped_patches_do_not_move_ort_calibration_ranges(digits_teacher, digits_calibration, onnx_path, tmp_path):
+    assert digits_calibration.kept_fraction < 0.5
+    clean = calibration_ranges(onnx_path, KeptTokenDataReader(digits_calibration, digits_teacher), tmp_path)
+    noisy = calibration_ranges(onnx_path, KeptTokenDataReader(_huge_background(digits_calibration), digits_teacher), tmp_path)
     assert len(clean) > 10 and clean == noisy
-    dense_noisy = calibration_ranges(onnx_path, KeptTokenDataReader(_huge_background(sparse_data).dense(), teacher),
+    dense_noisy = calibration_ranges(onnx_path, KeptTokenDataReader(_huge_background(digits_calibration).dense(), digits_teacher),
                                      tmp_path)
     assert dense_noisy != clean  # the same background does move them when every patch is fed
 
 
-def test_qdq_int8_model_runs_and_agrees_with_fp32(teacher, sparse_data, onnx_path, tmp_path):
+def test_qdq_int8_model_runs_and_agrees_with_fp32(digits_teacher, digits_calibration, onnx_path, tmp_path):
     import onnx
 
-    int8_path = quantize_onnx(onnx_path, tmp_path / "vit.int8.onnx", KeptTokenDataReader(sparse_data, teacher))
+    int8_path = quantize_onnx(onnx_path, tmp_path / "vit.int8.onnx", KeptTokenDataReader(digits_calibration, digits_teacher))
     ops = {node.op_type for node in onnx.load(int8_path).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    mean, std = model_normalization(teacher)
+    mean, std = model_normalization(digits_teacher)
     images = normalize(load_split("digits", "test").images(slice(0, 64)), mean, std)
     with torch.no_grad():
-        reference = teacher(images)
-    fp32 = OrtViT(onnx_path, teacher)(images)
-    int8 = OrtViT(int8_path, teacher)(images)
+        reference = digits_teacher(images)
+    fp32 = OrtViT(onnx_path, digits_teacher)(images)
+    int8 = OrtViT(int8_path, digits_teacher)(images)
     assert torch.allclose(fp32, reference, atol=1e-3)
     assert (int8.argmax(1) == reference.argmax(1)).float().mean() >= 0.95

@@ -7,7 +7,6 @@ The ``DistillConfig`` flags are generated from its fields; ``--mode full`` start
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 from typing import Any
@@ -32,10 +31,10 @@ from .common import (
     add_inversion_arguments,
     add_teacher_arguments,
     inversion_config,
+    evaluation_split,
     load_teacher_from_args,
-    teacher_splits,
 )
-from .options import CLIError
+from .options import CLIError, add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -74,32 +73,18 @@ PREFIXED = ("batch_size", "lr", "lr_schedule", "flip")
 def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``DistillConfig`` field (``--kd-`` before the names inversion uses; the seed is
     the inversion's ``--seed``, the mode is ``--mode``)."""
-    import typing
-
-    from .options import _argument_kwargs, flag_name
-
     title = (f"distillation (DistillConfig; --mode full starts from {MODE_DEFAULTS['full']}, --source online "
              f"from {SOURCE_DEFAULTS['online']} and inversion {ONLINE_INVERSION})")
-    group = parser.add_argument_group(title)
-    hints = typing.get_type_hints(DistillConfig)
-    for field in dataclasses.fields(DistillConfig):
-        if field.name in ("mode", "seed"):
-            continue
-        name = f"kd_{field.name}" if field.name in PREFIXED else field.name
-        group.add_argument(flag_name(name), dest=name, **_argument_kwargs(field, hints[field.name], field.default))
+    add_config_arguments(parser, DistillConfig, title, skip=("mode", "seed"), prefix="kd_", prefixed=PREFIXED)
 
 
 def distill_config(args: argparse.Namespace, seed: int) -> DistillConfig:
     """``DistillConfig.for_mode(--mode)`` overridden by the flags given."""
-    values: dict[str, Any] = {"seed": seed}
-    for field in dataclasses.fields(DistillConfig):
-        dest = f"kd_{field.name}" if field.name in PREFIXED else field.name
-        if field.name not in ("mode", "seed") and getattr(args, dest, None) is not None:
-            values[field.name] = getattr(args, dest)
     try:
-        return DistillConfig.for_mode(args.mode, **values)
+        recipe = DistillConfig.for_mode(args.mode, source=args.source or "pool").to_dict()
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
+    return config_from_args(DistillConfig, args, {**recipe, "seed": seed}, prefix="kd_", prefixed=PREFIXED)
 
 
 def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[str, Any]]:
@@ -142,7 +127,10 @@ def run(args: argparse.Namespace) -> None:
     online = (args.source or "pool") == "online"
     config = inversion_config(args, **(ONLINE_INVERSION if online else {}))
     kd = distill_config(args, config.seed)
-    _, test = teacher_splits(args, teacher)
+    test = evaluation_split(args, teacher)
+    if test is None:
+        logger.info("no held-out data for this teacher (give --eval-data DIR): the student is trained and saved, "
+                    "nothing is evaluated")
     student, architecture, model_kwargs = distill_student(args, teacher)
     mean, std = model_normalization(teacher)
     inverter = SparseInverter(teacher, config)
@@ -152,16 +140,18 @@ def run(args: argparse.Namespace) -> None:
         pool = [inverter.invert(balanced_labels(args.num_images, int(teacher.num_classes)))]
     history = trainer.fit(pool)
     classes = int(teacher.num_classes)
-    accuracy = history["eval"][-1][1]
+    accuracy = history["eval"][-1][1] if history["eval"] else None
     result = {"teacher": args.teacher, "mode": kd.mode, "source": kd.source, "schedule": str(config.schedule),
-              "inverted_images": trainer.images_seen, "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std),
-              "student_accuracy": accuracy, "chance_accuracy": 1 / classes, "failed": failed(accuracy, classes),
+              "inverted_images": trainer.images_seen,
+              "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std) if test is not None else None,
+              "student_accuracy": accuracy, "chance_accuracy": 1 / classes,
+              "failed": accuracy is not None and failed(accuracy, classes),
               "steps": trainer.step, "curve": history["eval"], "inversion": config.to_dict(),
               "distillation": kd.to_dict()}
     if args.out:
         card = {"architecture": architecture, "model_kwargs": model_kwargs, "num_classes": classes,
                 "mean": list(mean), "std": list(std), "accuracy": accuracy, "failed": result["failed"],
-                "teacher": args.teacher, "mode": kd.mode, "dataset": args.dataset or _dataset(teacher)}
+                "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or args.dataset or _dataset(teacher)}
         result["student_path"] = str(save_student(trainer.accelerator.unwrap_model(trainer.student), args.out, card))
     print(json.dumps({k: result[k] for k in ("mode", "source", "schedule", "inverted_images", "teacher_accuracy",
                                              "student_accuracy", "failed")}, indent=2))

@@ -72,8 +72,13 @@ def _argument_kwargs(field: dataclasses.Field, annotation: Any, default: Any) ->
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[ConfigBase], title: str | None = None,
-                         defaults: Mapping[str, Any] | None = None, skip: Sequence[str] = ()) -> None:
-    """One flag per CLI field of ``config_class``; ``defaults`` are this command's defaults (shown in help)."""
+                         defaults: Mapping[str, Any] | None = None, skip: Sequence[str] = (),
+                         prefix: str = "", prefixed: Sequence[str] = ()) -> None:
+    """One flag per CLI field of ``config_class``; ``defaults`` are this command's defaults (shown in help).
+
+    Fields named in ``prefixed`` get ``prefix`` before their flag and destination (``--kd-lr``), for two
+    configs of one command that share a field name; ``config_from_args`` takes the same two arguments.
+    """
     group = parser.add_argument_group(title or config_class.__name__)
     hints = typing.get_type_hints(config_class)
     defaults = dict(defaults or {})
@@ -86,8 +91,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[Con
             default = field.default
         else:
             default = field.default_factory()  # type: ignore[misc]
-        group.add_argument(flag_name(field.name), dest=field.name,
-                           **_argument_kwargs(field, hints[field.name], default))
+        dest = prefix + field.name if field.name in prefixed else field.name
+        group.add_argument(flag_name(dest), dest=dest, **_argument_kwargs(field, hints[field.name], default))
 
 
 def read_config_file(path: str | None, config_class: type[ConfigBase]) -> dict[str, Any]:
@@ -113,12 +118,13 @@ def read_config_file(path: str | None, config_class: type[ConfigBase]) -> dict[s
 
 
 def config_from_args(config_class: type[C], args: argparse.Namespace, defaults: Mapping[str, Any] | None = None,
-                     file_values: Mapping[str, Any] | None = None) -> C:
+                     file_values: Mapping[str, Any] | None = None, prefix: str = "",
+                     prefixed: Sequence[str] = ()) -> C:
     """``config_class`` from: its defaults < ``defaults`` < ``file_values`` < flags given on the command line."""
     names = {f.name for f in dataclasses.fields(config_class)}
     values = {**(defaults or {}), **(file_values or {})}
     for name in names:
-        given = getattr(args, name, None)
+        given = getattr(args, prefix + name if name in prefixed else name, None)
         if given is not None:
             values[name] = given
     unknown = sorted(set(values) - names)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..io import atomic_write_text
 from .common import (add_inversion_arguments, add_teacher_arguments, csv, evaluation_split, inversion_config,
@@ -29,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_teacher_arguments(parser)
     add_inversion_arguments(parser)
     group = parser.add_argument_group("quantization")
-    group.add_argument("--out", default=None, help="output directory for model.pt2 and card.json")
+    group.add_argument("--out", default=None, help="output directory for model.pt2 and card.json "
+                       "(default: outputs/quantized/TEACHER-SCHEME)")
     group.add_argument("--scheme", default="w8a8", choices=["w8a8", "w4a8", "w8a6", "w4a4"],
                        help="weight/activation bits of the saved model (default: %(default)s)")
     group.add_argument("--coverage", default="linear", choices=["linear", "full"],
@@ -59,12 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.compare:
         return run_compare(args)
-    if not args.out:
-        import sys
-
-        print("smi quantize: no --out given, comparing calibration sources (as --compare); give --out DIR to "
-              "save a deployable int8 model", file=sys.stderr)
-        return run_compare(args)
+    if not args.out:  # a useful default: the model lands where the summary says, never over a user's folder
+        args.out = str(Path("outputs") / "quantized" / f"{Path(args.teacher).name}-{args.scheme}")
     return run_deploy(args)
 
 
@@ -116,7 +114,7 @@ def format_summary(card: dict, out) -> str:
                      f"agreement {pct(card['agreement'])}, SQNR {card['sqnr_db']:.1f} dB "
                      f"on {card['evaluation']['images']} images")
     else:
-        lines.append("no real held-out data known for this teacher: accuracy not measured (pass --dataset)")
+        lines.append("no real held-out data known for this teacher: accuracy not measured (pass --eval-data DIR)")
     lines.append("load with: from smi_plugin import load_quantized; model = load_quantized(DIR)")
     return "\n".join(lines)
 

@@ -126,7 +126,8 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
     """Create a teacher by zoo name or any timm model name, in eval mode.
 
     Args:
-        name: a zoo name (``fashion-mnist-vit``, ``digits-vit``) or a timm model name.
+        name: a zoo name (``fashion-mnist-vit``, ``digits-vit``), a timm model name, or a directory a
+            distilled student was saved to (``smi distill --out DIR``).
         pretrained: for timm names, load timm's pretrained weights (downloads from the hub).
         checkpoint_path: for timm names, a local checkpoint (``.safetensors``, or a ``.pth``/``.pt``
             state dict, optionally under a ``state_dict``/``model``/``state_dict_ema`` key) to load.
@@ -141,6 +142,8 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
     """
     import timm
 
+    if (Path(name) / SAVED_CARD).is_file():
+        return _set_normalization(load_saved(Path(name)), mean, std)
     if name in RECIPES:
         if pretrained or checkpoint_path:
             raise TeacherError(f"{name!r} is a zoo teacher and carries its own weights; "
@@ -170,6 +173,28 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
     if state_dict is not None:
         _load_matching(model, state_dict, name, checkpoint_path)
     return _set_normalization(model, mean, std).eval()
+
+
+# A model saved for timm users (a distilled student): weights + a card naming its timm architecture.
+SAVED_FORMAT, SAVED_WEIGHTS, SAVED_CARD = "smi-student/1", "student.safetensors", "student.json"
+
+
+def load_saved(directory: Path) -> nn.Module:
+    """The model ``smi_plugin.distill.save_student`` wrote, in eval mode, normalization in ``pretrained_cfg``."""
+    import timm
+    from safetensors.torch import load_file
+
+    card = json.loads((directory / SAVED_CARD).read_text())
+    if card.get("format") != SAVED_FORMAT:
+        raise TeacherError(f"{directory / SAVED_CARD} is not a card this version writes (format "
+                           f"{card.get('format')!r}, expected {SAVED_FORMAT!r}); save the model again")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in card["model_kwargs"].items()}
+    kwargs["num_classes"] = card["num_classes"]
+    model = timm.create_model(card["architecture"], pretrained=False, **kwargs)
+    model.load_state_dict(load_file(str(directory / card.get("weights", SAVED_WEIGHTS))))
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(card["mean"]), "std": tuple(card["std"]),
+                            "saved_dir": str(directory)}
+    return model.eval()
 
 
 def _set_normalization(model: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> nn.Module:
