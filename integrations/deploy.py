@@ -245,8 +245,8 @@ def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.T
 def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
                             range_estimator: str = "minmax", backend: str = "pt2e", test_split: Any = None,
                             eval_images: int | None = None, eval_batch_size: int = 500,
-                            calibration: dict[str, Any] | None = None,
-                            teacher_name: str | None = None) -> tuple[torch.export.ExportedProgram, nn.Module, dict]:
+                            calibration: dict[str, Any] | None = None, teacher_name: str | None = None,
+                            **options: Any) -> tuple[torch.export.ExportedProgram, nn.Module, dict]:
     """Calibrate on ``dataset``'s retained tokens, lower, export, compile and evaluate.
 
     Args:
@@ -259,6 +259,8 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
         eval_batch_size: evaluation batch size (recorded: it picks the compiled kernels).
         calibration: provenance for the card (source, images, seed, inversion config).
         teacher_name: the name recorded in the card.
+        **options: the other ``InvertedPTQConfig`` fields (``percentile``, ``batch_size``, ``max_samples``),
+            recorded in the card.
 
     Returns:
         ``(program, compiled module, card)``; save with ``save_quantized(program, DIR, card)``.
@@ -270,12 +272,13 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
 
     check_deployable(scheme, backend, coverage)
     qmodel = quantize_with_inverted_data(teacher, dataset, scheme, backend=backend, coverage=coverage,
-                                         range_estimator=range_estimator)
+                                         range_estimator=range_estimator, **options)
     program = export_quantized(qmodel)
     compiled = compile_quantized(program)
     card: dict[str, Any] = {
         "teacher": teacher_name or teacher.pretrained_cfg.get("zoo_name") or teacher.pretrained_cfg.get("architecture"),
         "scheme": scheme, "backend": backend, "coverage": coverage, "range_estimator": range_estimator,
+        "ptq_options": dict(options),
         "input": {"shape": ["B", qmodel.grid.in_chans, *qmodel.grid.image_size],
                   "normalization": dict(zip(("mean", "std"), map(list, model_normalization(teacher))))},
         "calibration": {"source": dataset.source, "images": len(dataset), "kept_fraction": dataset.kept_fraction,

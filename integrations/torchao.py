@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
+from smi_plugin.config import ConfigBase, option
 from smi_plugin.tokens import (PatchGrid, PatchLevelViT, check_vit, forward_patches, patch_grid, position_tokens,
                                run_on_kept_patches)
 
@@ -38,29 +39,24 @@ RANGE_ESTIMATORS = ("minmax", "percentile", "mse")
 
 
 @dataclass
-class InvertedPTQConfig:
-    """Static PTQ settings.
+class InvertedPTQConfig(ConfigBase):
+    """Static PTQ settings (validated; round-trips to JSON; ``smi quantize`` generates its flags from them).
 
-    Args:
-        scheme: weight/activation bits: ``w8a8``, ``w4a8``, ``w8a6`` or ``w4a4``. Weights are
-            per-channel symmetric, activations per-tensor affine (unsigned), as in PSAQ-ViT.
-        backend: ``pt2e`` (any scheme) or ``quantize_`` (``w8a8`` only).
-        coverage: ``linear`` (torchao's X86 default: inputs of linear layers) or ``full``
-            (also residual stream, LayerNorm/GELU/linear outputs and attention inputs; pt2e only).
-        range_estimator: ``minmax`` (the paper's), ``percentile`` or ``mse`` (clipping that
-            minimises the quantization error), each over the retained tokens only (pt2e only).
-        percentile: upper percentile for ``percentile`` (the lower one is ``100 - percentile``).
-        batch_size: calibration images per forward.
-        max_samples: values kept per observer for the ``percentile``/``mse`` estimators.
+    Weights are per-channel symmetric, activations per-tensor affine (unsigned), as in PSAQ-ViT.
     """
 
-    scheme: str = "w8a8"
-    backend: str = "pt2e"
-    coverage: str = "linear"
-    range_estimator: str = "minmax"
-    percentile: float = 99.99
-    batch_size: int = 32
-    max_samples: int = 1 << 20
+    scheme: str = option("w8a8", "weight/activation bits", choices=tuple(SCHEMES))
+    backend: str = option("pt2e", "torchao flow: pt2e (any scheme; the one that is saved and compiled) or "
+                          "quantize_ (w8a8 only, in memory)", choices=BACKENDS)
+    coverage: str = option("linear", "quantized ops: linear (torchao's X86 default: inputs of linear layers) or "
+                           "full (also residual stream, LayerNorm/GELU/linear outputs, attention inputs; pt2e only)",
+                           choices=COVERAGES)
+    range_estimator: str = option("minmax", "activation ranges over the retained tokens: minmax (the paper's), "
+                                  "percentile, or mse (the clipping that minimises quantization error)",
+                                  choices=RANGE_ESTIMATORS)
+    percentile: float = option(99.99, "upper percentile of --range-estimator percentile (the lower is 100 - it)")
+    batch_size: int = option(32, "calibration images per forward")
+    max_samples: int = option(1 << 20, "values kept per observer for the percentile/mse estimators")
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

@@ -16,9 +16,11 @@ from pathlib import Path
 from ..io import atomic_write_text
 from .common import (add_inversion_arguments, add_teacher_arguments, csv, evaluation_split, inversion_config,
                      load_teacher_from_args, teacher_splits)
-from .options import CLIError
+from ..integrations.torchao import InvertedPTQConfig
+from .options import CLIError, add_config_arguments, config_from_args
 
 COMPARE_SOURCES = "gaussian,dense,sparse,real"
+PTQ_PREFIXED = ("batch_size",)  # --ptq-batch-size: --batch-size is the inversion's
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,21 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("quantization")
     group.add_argument("--out", default=None, help="output directory for model.pt2 and card.json "
                        "(default: outputs/quantized/TEACHER-SCHEME)")
-    group.add_argument("--scheme", default="w8a8", choices=["w8a8", "w4a8", "w8a6", "w4a4"],
-                       help="weight/activation bits of the saved model (default: %(default)s)")
-    group.add_argument("--coverage", default="linear", choices=["linear", "full"],
-                       help="quantized ops of the saved model (default: %(default)s)")
     group.add_argument("--calibration", default=None,
                        help="calibration source: sparse, dense, gaussian, real, or a dataset directory "
                             f"(default: sparse; with --compare a comma-separated list, default {COMPARE_SOURCES})")
     group.add_argument("--num-calibration", type=int, default=32, help="calibration images (default: %(default)s)")
-    group.add_argument("--backend", default="pt2e", choices=["pt2e", "quantize_"],
-                       help="torchao flow (default: %(default)s; only pt2e is saved)")
-    group.add_argument("--range-estimator", default="minmax", choices=["minmax", "percentile", "mse"],
-                       help="activation range estimator over retained tokens (default: %(default)s)")
     group.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N held-out images")
     group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
                        help="real data to evaluate on (default: the zoo teacher's)")
+    add_config_arguments(parser, InvertedPTQConfig, "quantization (InvertedPTQConfig)", prefix="ptq_",
+                         prefixed=PTQ_PREFIXED)
     compare = parser.add_argument_group("comparing calibration sources (--compare)")
     compare.add_argument("--compare", action="store_true",
                          help="print a table comparing calibration sources instead of saving a model")
@@ -59,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    ptq = config_from_args(InvertedPTQConfig, args, prefix="ptq_", prefixed=PTQ_PREFIXED)
+    args.scheme, args.backend, args.coverage, args.range_estimator = ptq.scheme, ptq.backend, ptq.coverage, \
+        ptq.range_estimator
+    args.ptq_options = {"percentile": ptq.percentile, "batch_size": ptq.batch_size, "max_samples": ptq.max_samples}
     if args.compare:
         return run_compare(args)
     if not args.out:  # a useful default: the model lands where the summary says, never over a user's folder
@@ -93,6 +93,7 @@ def run_deploy(args: argparse.Namespace) -> None:
         program, _, card = quantize_for_deployment(
             teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
             backend=args.backend, test_split=test, eval_images=args.eval_images, calibration=provenance,
+            **args.ptq_options,
             teacher_name=args.teacher)
         out = save_quantized(program, args.out, card)
     except (ValueError, TypeError) as err:

@@ -17,7 +17,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import load_split
+from ..config import ConfigBase, check_choice, check_positive_ints
+from ..data import DATASETS, load_split
 from ..evaluation import evaluate_accuracy
 from ..images import normalize
 
@@ -34,7 +35,7 @@ BASE_ARCHITECTURE = "vit_tiny_patch16_224"
 
 
 @dataclass(frozen=True)
-class TeacherRecipe:
+class TeacherRecipe(ConfigBase):
     """How a zoo teacher is built and trained (all on the CPU, reproducibly).
 
     Args:
@@ -69,6 +70,12 @@ class TeacherRecipe:
     init_from: str | None = None
     restart_epochs: int = 0
     restart_lr: float = 5e-4
+
+    def __post_init__(self) -> None:
+        check_choice(self, "dataset", DATASETS)
+        check_positive_ints(self, "epochs", "embed_dim", "depth", "num_heads", "patch_size", "batch_size")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"TeacherRecipe.embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
 
     def model_kwargs(self, num_classes: int) -> dict[str, Any]:
         return dict(img_size=32, patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
@@ -370,7 +377,7 @@ def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None =
         raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
     recipe = RECIPES[name]
     if epochs is not None:
-        recipe = TeacherRecipe(**{**asdict(recipe), "epochs": epochs})
+        recipe = recipe.replace(epochs=epochs)
     torch.manual_seed(recipe.seed)
     started = time.time()
     train, test = load_split(recipe.dataset, "train"), load_split(recipe.dataset, "test")
@@ -389,7 +396,7 @@ def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None =
         _train_phase(model, train, recipe, mean, std, recipe.epochs, recipe.lr, recipe.warmup_epochs,
                      torch.Generator().manual_seed(recipe.seed), f"training {name}", log_every)
     if recipe.restart_epochs:
-        gentle = TeacherRecipe(**{**asdict(recipe), "max_rotation_deg": 0.0, "scale_range": (1.0, 1.0)})
+        gentle = recipe.replace(max_rotation_deg=0.0, scale_range=(1.0, 1.0))
         _train_phase(model, train, gentle, mean, std, recipe.restart_epochs, recipe.restart_lr, 0,
                      torch.Generator().manual_seed(recipe.seed + 1), f"training {name} (restart)", log_every)
     accuracy = evaluate_accuracy(model, test, mean, std)
@@ -398,7 +405,7 @@ def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None =
                                          mean, std)
     card = dict(name=name, architecture=BASE_ARCHITECTURE, model_kwargs=model_kwargs,
                 num_classes=train.num_classes, class_names=list(train.class_names), dataset=recipe.dataset,
-                mean=list(mean), std=list(std), recipe=asdict(recipe), heldout_top1=accuracy,
+                mean=list(mean), std=list(std), recipe=recipe.to_dict(), heldout_top1=accuracy,
                 trained_classes=trained_classes, heldout_top1_trained_classes=accuracy_trained,
                 heldout_images=len(test), train_seconds=round(time.time() - started, 1),
                 phase1_from_checkpoint=phase1_checkpoint is not None,
