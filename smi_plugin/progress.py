@@ -19,5 +19,10 @@ def is_main_process() -> bool:
 
 
 def progress_bar(total: int | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
-    """A ``tqdm`` bar, disabled off the main process or when ``enabled`` is false (updates are then no-ops)."""
-    return tqdm(total=total, disable=not (enabled and is_main_process()), **kwargs)
+    """A ``tqdm`` bar, disabled off the main process or when ``enabled`` is false (updates are then no-ops).
+
+    Otherwise ``disable`` is left to tqdm, so ``TQDM_DISABLE=1`` still silences every bar.
+    """
+    if not (enabled and is_main_process()):
+        kwargs["disable"] = True
+    return tqdm(total=total, **kwargs)
