@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from smi_plugin.io import current_umask
 from smi_plugin.tokens import PatchGrid, images_to_patches
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def save_quantized(program: torch.export.ExportedProgram, directory: str | os.Pa
         torch.export.save(program, staging / MODEL_FILE)
         card.update(format=FORMAT, versions=versions(), files={MODEL_FILE: (staging / MODEL_FILE).stat().st_size})
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~current_umask())
         if target.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.replace(target, trash / "old")
@@ -164,12 +165,6 @@ def save_quantized(program: torch.export.ExportedProgram, directory: str | os.Pa
             shutil.rmtree(staging, ignore_errors=True)
     logger.info("saved the quantized model to %s", target)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_output_directory(directory: str | os.PathLike) -> None:

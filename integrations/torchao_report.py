@@ -35,7 +35,9 @@ def calibration_data(source: str, teacher: nn.Module, num_images: int, seed: int
     if source == "gaussian":
         data = SparseInvertedCalibrationDataset.gaussian(teacher, num_images, seed=seed)
     elif source in ("dense", "sparse"):
-        config = inversion.replace(seed=seed, schedule=StoppingSchedule.dense() if source == "dense" else inversion.schedule)
+        # "dense" means every patch inverted, whatever the configured selection policy (rebirth would still emit)
+        config = (inversion.replace(seed=seed, schedule=StoppingSchedule.dense(), selection="dense") if source == "dense"
+                  else inversion.replace(seed=seed))
         batch = SparseInverter(teacher, config, progress=progress).invert(balanced_labels(num_images, int(teacher.num_classes)))
         data = SparseInvertedCalibrationDataset.from_batches([batch])
         data.source = f"{source}-inverted"

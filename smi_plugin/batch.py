@@ -79,7 +79,10 @@ class InvertedBatch:
 
     @staticmethod
     def concatenate(batches: Sequence["InvertedBatch"]) -> "InvertedBatch":
-        """One batch from several inverted with the same teacher and config."""
+        """One batch from several inverted with the same teacher and config.
+
+        History and stage snapshots are the first part's (each part has its own; one is enough for pictures).
+        """
         first = batches[0]
         if len(batches) == 1:
             return first
@@ -88,10 +91,11 @@ class InvertedBatch:
             images=torch.cat([b.images for b in batches]),
             patch_mask=torch.cat([b.patch_mask for b in batches]),
             labels=torch.cat([b.labels for b in batches]),
-            kept_indices=torch.cat([b.kept_indices for b in batches]) if same_k else first.kept_indices[:0],
+            kept_indices=(torch.cat([b.kept_indices for b in batches]) if same_k
+                          else torch.zeros(sum(len(b) for b in batches), 0, dtype=torch.long)),
             mean=first.mean, std=first.std,
             provenance={**first.provenance, "parts": [b.provenance for b in batches]},
-            history=first.history,
+            history=first.history, snapshots=first.snapshots,
         )
 
     @classmethod

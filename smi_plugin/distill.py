@@ -255,6 +255,10 @@ class KDTrainer:
                  inverter: SparseInverter | None = None, progress: bool = True, accelerator: Any = None) -> None:
         if config.source != "pool" and inverter is None:
             raise ValueError(f"source={config.source!r} inverts as it trains: pass inverter=SparseInverter(teacher, ...)")
+        if config.source == "online" and inverter.config.selection == "rebirth":
+            # the online pool trains on each slot's current patches; rebirth's detached samples would be lost
+            raise ValueError("source='online' does not take selection='rebirth' (its detached samples would be "
+                             "lost); use source='pool' with rebirth, or another selection policy")
         if accelerator is None:
             from accelerate import Accelerator
 

@@ -69,7 +69,11 @@ def _library_versions() -> dict[str, str]:
     import datasets
     import timm
 
-    return {"smi_plugin": importlib.metadata.version("smi-plugin"), "torch": torch.__version__, "timm": timm.__version__,
+    try:
+        version = importlib.metadata.version("smi-plugin")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        version = "unknown"
+    return {"smi_plugin": version, "torch": torch.__version__, "timm": timm.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__}
 
 

@@ -118,7 +118,7 @@ def parse_labels(text: str | None, num_images: int | None, num_classes: int) -> 
     return balanced_labels(num_images, num_classes)
 
 
-def _teacher_dataset(args: argparse.Namespace, teacher) -> str | None:
+def teacher_dataset(args: argparse.Namespace, teacher) -> str | None:
     """The packaged dataset named by ``--dataset``, the teacher's ``pretrained_cfg`` or its zoo card."""
     name = getattr(args, "dataset", None) or teacher.pretrained_cfg.get("dataset")
     if name is None and teacher.pretrained_cfg.get("zoo_name"):
@@ -128,7 +128,7 @@ def _teacher_dataset(args: argparse.Namespace, teacher) -> str | None:
 
 def teacher_splits(args: argparse.Namespace, teacher):
     """The real (train, held-out) splits of the teacher's dataset (zoo card, or --dataset)."""
-    name = _teacher_dataset(args, teacher)
+    name = teacher_dataset(args, teacher)
     if name is None:
         raise CLIError(f"no real held-out data known for this teacher; pass --dataset {'|'.join(DATASETS)}")
     try:
@@ -150,7 +150,7 @@ def evaluation_split(args: argparse.Namespace, teacher) -> ImageSplit | None:
             return load_eval_data(path, (height, width), channels, num_classes=int(teacher.num_classes))
         except EvalDataError as err:
             raise CLIError(f"--eval-data: {err}") from err
-    name = _teacher_dataset(args, teacher)
+    name = teacher_dataset(args, teacher)
     if name is None:
         return None
     try:

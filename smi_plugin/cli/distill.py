@@ -11,6 +11,8 @@ import json
 import logging
 from typing import Any
 
+import torch
+
 from ..batch import balanced_labels
 from ..distill import (
     MODE_DEFAULTS,
@@ -33,6 +35,7 @@ from .common import (
     inversion_config,
     evaluation_split,
     load_teacher_from_args,
+    teacher_dataset,
 )
 from .options import CLIError, add_config_arguments, config_from_args
 
@@ -106,7 +109,7 @@ def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[s
         heads = max(1, teacher.blocks[0].attn.num_heads - 1)
         kwargs = {"img_size": list(grid.img_size), "patch_size": list(grid.patch_size), "num_classes": classes,
                   "embed_dim": max(32, (2 * teacher.embed_dim // 3) // heads * heads),
-                  "depth": max(1, len(teacher.blocks) - 1), "num_heads": heads}
+                  "depth": max(1, len(teacher.blocks) - 1), "num_heads": heads, "in_chans": grid.proj.in_channels}
         return timm.create_model("vit_tiny_patch16_224", **kwargs), "vit_tiny_patch16_224", kwargs
     try:
         backbone = load_teacher(name, pretrained=args.student_pretrained, checkpoint_path=args.student_checkpoint)
@@ -133,6 +136,8 @@ def run(args: argparse.Namespace) -> None:
                     "nothing is evaluated")
     student, architecture, model_kwargs = distill_student(args, teacher)
     mean, std = model_normalization(teacher)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # KDTrainer's default accelerator device
+    teacher = teacher.to(device)  # before the inverter, which builds its tensors on the model's device
     inverter = SparseInverter(teacher, config)
     trainer = KDTrainer(teacher, student, kd, test, mean, std, out_dir=args.out, inverter=inverter)
     pool = None
@@ -143,7 +148,7 @@ def run(args: argparse.Namespace) -> None:
     accuracy = history["eval"][-1][1] if history["eval"] else None
     result = {"teacher": args.teacher, "mode": kd.mode, "source": kd.source, "schedule": str(config.schedule),
               "inverted_images": trainer.images_seen,
-              "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std) if test is not None else None,
+              "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std, device=device) if test is not None else None,
               "student_accuracy": accuracy, "chance_accuracy": 1 / classes,
               "failed": accuracy is not None and failed(accuracy, classes),
               "steps": trainer.step, "curve": history["eval"], "inversion": config.to_dict(),
@@ -151,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
     if args.out:
         card = {"architecture": architecture, "model_kwargs": model_kwargs, "num_classes": classes,
                 "mean": list(mean), "std": list(std), "accuracy": accuracy, "failed": result["failed"],
-                "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or args.dataset or _dataset(teacher)}
+                "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or teacher_dataset(args, teacher)}
         result["student_path"] = str(save_student(trainer.accelerator.unwrap_model(trainer.student), args.out, card))
     print(json.dumps({k: result[k] for k in ("mode", "source", "schedule", "inverted_images", "teacher_accuracy",
                                              "student_accuracy", "failed")}, indent=2))
@@ -161,8 +166,3 @@ def run(args: argparse.Namespace) -> None:
         logger.warning(message)  # on stderr, so that stdout stays the JSON summary
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
-
-
-def _dataset(teacher) -> str | None:
-    name = teacher.pretrained_cfg.get("zoo_name")
-    return load_card(name).get("dataset") if name in RECIPES else None

@@ -7,6 +7,7 @@ import logging
 
 from ..distributed import OutputDirectoryError, distributed_state, invert_to_directory
 from ..export import CARD_FILE, load_inverted, push_to_hub
+from ..io import atomic_path
 from ..visualize import save_grid
 from .common import add_inversion_arguments, add_teacher_arguments, inversion_config, load_teacher_from_args, parse_labels
 from .options import CLIError, positive_int
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
     inverted = load_inverted(out)
     batch = inverted.to_batch()
     if args.parquet:
-        inverted.dataset.to_parquet(args.parquet)
+        with atomic_path(args.parquet) as tmp:
+            inverted.dataset.to_parquet(str(tmp))
     if args.grid:
         save_grid(batch.select(range(min(64, len(batch)))), args.grid, class_names=inverted.class_names)
     print(f"wrote {len(inverted)} inverted images with {distributed_state().num_processes} process(es) to {out} "
