@@ -70,11 +70,9 @@ class InvertedBatch:
         """The rows ``rows`` as a new batch (kept indices dropped where their counts differ)."""
         index = torch.as_tensor(list(rows) if not torch.is_tensor(rows) else rows, dtype=torch.long)
         mask = self.patch_mask[index.to(self.patch_mask.device)]
-        counts = mask.flatten(1).sum(1)
-        same = counts.numel() == 0 or bool((counts == counts[0]).all())
-        kept = mask_to_indices(mask) if same else torch.zeros(len(index), 0, dtype=torch.long)
         return InvertedBatch(images=self.images[index.to(self.images.device)], patch_mask=mask,
-                             labels=self.labels[index.to(self.labels.device)], kept_indices=kept, mean=self.mean,
+                             labels=self.labels[index.to(self.labels.device)], kept_indices=kept_indices_for(mask),
+                             mean=self.mean,
                              std=self.std, provenance=self.provenance, history=self.history)
 
     @staticmethod
@@ -125,3 +123,12 @@ class InvertedBatch:
 def balanced_labels(num_images: int, num_classes: int) -> list[int]:
     """``num_images`` labels cycling over the classes (0, 1, ..., C-1, 0, 1, ...)."""
     return [i % num_classes for i in range(num_images)]
+
+
+def kept_indices_for(patch_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, K)`` kept indices of a mask whose images keep equal counts, else ``(B, 0)`` (the convention
+    for batches that mix kept counts: ``patch_mask`` stays the truth)."""
+    counts = patch_mask.flatten(1).sum(1)
+    if counts.numel() == 0 or bool((counts == counts[0]).all()):
+        return mask_to_indices(patch_mask)
+    return torch.zeros(patch_mask.shape[0], 0, dtype=torch.long, device=patch_mask.device)

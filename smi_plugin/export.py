@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from .batch import InvertedBatch
-from .tokens import mask_to_indices
+from .batch import InvertedBatch, kept_indices_for
 
 if TYPE_CHECKING:
     import datasets
@@ -196,11 +195,8 @@ class InvertedDataset:
         """All rows as one ``InvertedBatch`` (the manifest as its provenance)."""
         data = self.tensors()
         mask = data["patch_mask"].bool()
-        counts = mask.flatten(1).sum(1)
-        same = bool((counts == counts[0]).all()) if len(counts) else True
-        kept = mask_to_indices(mask) if same else torch.zeros(len(counts), 0, dtype=torch.long)
         return InvertedBatch(images=data["pixel_values"].float(), patch_mask=mask, labels=data["label"].long(),
-                             kept_indices=kept, mean=self.mean, std=self.std,
+                             kept_indices=kept_indices_for(mask), mean=self.mean, std=self.std,
                              provenance={**self.manifest, "source": "sparse-inverted"})
 
 

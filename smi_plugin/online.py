@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch import InvertedBatch, balanced_labels
+from .batch import InvertedBatch, balanced_labels, kept_indices_for
 from .inverter import InversionState, SparseInverter, derive_seed
-from .tokens import indices_to_mask, mask_to_indices
+from .tokens import indices_to_mask
 
 
 @dataclass
@@ -99,7 +99,7 @@ class OnlinePool:
         images = torch.cat([s.images for s in slots])
         mask = torch.cat([s.mask for s in slots])
         return InvertedBatch(images=images, patch_mask=mask, labels=torch.cat([s.state.labels for s in slots]),
-                             kept_indices=mask_to_indices(mask) if len(slots) == 1 else mask.new_zeros(0, 0).long(),
+                             kept_indices=kept_indices_for(mask),
                              mean=tuple(inverter.mean), std=tuple(inverter.std),
                              provenance={"source": "online", "ages": [s.age for s in slots]})
 
