@@ -8,7 +8,9 @@
   students see only retained tokens (``forward_kept_tokens``), others see images with stopped
   patches set to 0 (the dataset mean). Data sources (``DistillConfig.source``): ``pool`` (a fixed
   pool of inverted images, an ``InvertedBatch``), ``alternating`` (the paper's: invert a batch,
-  take KD steps, repeat) and ``online`` (a pool under continual inversion, ``OnlinePool``).
+  take KD steps, repeat) and ``online`` (a pool under continual sparse inversion whose finished
+  samples are replaced by fresh ones, ``OnlinePool``; ``smi distill``'s default). ``minutes`` trains
+  for a wall-clock budget instead of ``steps``.
 * ``save_student``: the student as ``student.safetensors`` + ``student.json``, which
   ``load_teacher(DIR)`` loads back as any timm user would.
 
@@ -24,6 +26,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 from typing import Any
 
 import torch
@@ -83,6 +86,9 @@ class DistillConfig(ConfigBase):
                          "(each step: --inversion-steps on one inversion batch, then KD on it plus --replay "
                          "pool samples)", choices=SOURCES)
     steps: int = option(500, "KD optimisation steps")
+    minutes: float | None = option(None, "wall-clock budget in minutes instead of --steps: training stops once "
+                                   "it is spent and the learning rate follows its elapsed share (a resumed run "
+                                   "gets what is left; not bit-reproducible, unlike --steps)")
     epochs: float | None = option(None, "source pool: this many passes over the pool instead of --steps")
     batch_size: int = option(32, "KD batch (paper: 32); source online: the replayed samples added to the "
                              "freshly inverted batch")
@@ -97,8 +103,12 @@ class DistillConfig(ConfigBase):
                           "(union of their masks), each labelled by the teacher on the fly; 0 disables")
     images_per_round: int = option(32, "source alternating: images inverted per round")
     kd_steps_per_round: int = option(4, "source alternating: KD steps per round")
-    pool_size: int = option(2048, "source online: images kept under inversion")
+    pool_size: int = option(2048, "source online: images kept under inversion (and as many finished ones kept "
+                            "for replay)")
     inversion_steps: int = option(2, "source online: inversion iterations per KD step")
+    renew: bool = option(True, "source online: a pool slot that has run the inversion's --iterations starts "
+                         "again from noise, its images kept for replay (fresh samples); otherwise slots are "
+                         "inverted for the whole run")
     eval_every: int = option(50, "KD steps between evaluations on the real held-out images")
     checkpoint_every: int = option(100, "KD steps between checkpoints (with an output directory)")
     seed: int = option(0, "seed of batch sampling, flips and mixes (resume continues the sequence)")
@@ -115,6 +125,12 @@ class DistillConfig(ConfigBase):
         if not 0.0 <= float(self.mixup) <= 1.0:
             raise ValueError(f"DistillConfig.mixup is a share of the KD inputs in [0, 1], got {self.mixup}")
         self.mixup = float(self.mixup)
+        if self.minutes is not None:
+            if not self.minutes > 0:
+                raise ValueError(f"DistillConfig.minutes must be > 0 (or None to use steps), got {self.minutes}")
+            if self.epochs is not None:
+                raise ValueError("DistillConfig.minutes and .epochs both set the training length: give one")
+            self.minutes = float(self.minutes)
         if self.epochs is not None:
             if self.epochs <= 0:
                 raise ValueError(f"DistillConfig.epochs must be > 0 (or None to use steps), got {self.epochs}")
@@ -146,7 +162,7 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {
 # What the online source changes on top (the prototype's recipe: 128 replayed samples, half of the
 # inputs mixed, a low temperature).
 SOURCE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "online": {"batch_size": 128, "mixup": 0.5, "temperature": 4.0},
+    "online": {"batch_size": 128, "mixup": 0.5, "temperature": 4.0, "eval_every": 250},
 }
 
 
@@ -194,11 +210,12 @@ def build_optimizer(student: nn.Module, config: DistillConfig) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def learning_rate(config: DistillConfig, step: int, total: int) -> float:
-    """The KD learning rate at ``step`` of ``total`` (constant, or cosine to 0)."""
+def learning_rate(config: DistillConfig, position: float, total: float) -> float:
+    """The KD learning rate at ``position`` of ``total`` (steps, or seconds of a time budget):
+    constant, or cosine to 0."""
     if config.lr_schedule == "constant":
         return config.lr
-    return config.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(position, total) / total))
 
 
 def failed(accuracy: float, num_classes: int) -> bool:
@@ -255,6 +272,10 @@ class KDTrainer:
                  inverter: SparseInverter | None = None, progress: bool = True, accelerator: Any = None) -> None:
         if config.source != "pool" and inverter is None:
             raise ValueError(f"source={config.source!r} inverts as it trains: pass inverter=SparseInverter(teacher, ...)")
+        if config.minutes is not None and accelerator is not None and accelerator.num_processes > 1:
+            # each process has its own clock: they would stop after different step counts and hang
+            raise ValueError("DistillConfig.minutes needs one process (each has its own clock); give steps "
+                             "for a multi-process run")
         if config.source == "online" and inverter.config.selection == "rebirth":
             # the online pool trains on each slot's current patches; rebirth's detached samples would be lost
             raise ValueError("source='online' does not take selection='rebirth' (its detached samples would be "
@@ -270,9 +291,11 @@ class KDTrainer:
         student = student.to(accelerator.device)
         self.student, self.optimizer = accelerator.prepare(student, build_optimizer(student, config))
         self.step, self.total_steps = 0, config.steps
+        self.elapsed = 0.0  # seconds of training so far (over resumes), the clock of a minutes budget
         self.pool: InvertedBatch | None = None
-        self.online = OnlinePool(inverter, config.pool_size, config.seed) if config.source == "online" else None
-        self.history: dict[str, list] = {"kd_loss": [], "eval": [], "pool_size": []}
+        self.online = (OnlinePool(inverter, config.pool_size, config.seed, renew=config.renew)
+                       if config.source == "online" else None)
+        self.history: dict[str, list] = {"kd_loss": [], "eval": [], "pool_size": [], "minutes": []}
 
     @property
     def images_seen(self) -> int:
@@ -282,7 +305,7 @@ class KDTrainer:
         return 0 if self.pool is None else len(self.pool)
 
     def fit(self, pool: Any = None) -> dict[str, list]:
-        """Train to ``total_steps``, resuming from ``out_dir``'s checkpoint when there is one.
+        """Train for ``total_steps`` (or ``config.minutes``), resuming from ``out_dir``'s checkpoint when there is one.
 
         Args:
             pool: for ``source="pool"``, the inverted data: an ``InvertedBatch``, a list of them,
@@ -293,19 +316,24 @@ class KDTrainer:
             self._set_pool(as_pool(pool))
         self._load_checkpoint()
         self.total_steps = cfg.total_steps(len(self.pool) if cfg.source == "pool" else 0)
-        bar = progress_bar(self.total_steps, initial=self.step, enabled=self.progress,
-                           desc=f"distilling ({cfg.mode}, {cfg.source})", unit="step")
+        budget = None if cfg.minutes is None else cfg.minutes * 60
+        bar = progress_bar(None if budget else self.total_steps, initial=self.step, enabled=self.progress,
+                           desc=f"distilling ({cfg.mode}, {cfg.source}"
+                                + (f", {cfg.minutes:g} min)" if budget else ")"), unit="step")
         self.student.train(cfg.mode == "full")  # a frozen backbone keeps its dropout/norm behaviour fixed
-        while self.step < self.total_steps:
+        clock = monotonic() - self.elapsed
+        while (self.elapsed < budget) if budget else (self.step < self.total_steps):
             x, m = self.next_batch()
             loss = self.train_step(x, m)
+            self.elapsed = monotonic() - clock
             self.history["kd_loss"].append((self.step, loss))
             bar.update(1)
             bar.set_postfix(kd_loss=f"{loss:.3f}", pool=self.images_seen)
-            last = self.step == self.total_steps
+            last = self.elapsed >= budget if budget else self.step == self.total_steps
             if self.eval_split is not None and (self.step % cfg.eval_every == 0 or last):
                 self.history["eval"].append((self.step, self.evaluate()))
                 self.history["pool_size"].append((self.step, self.images_seen))
+                self.history["minutes"].append((self.step, self.elapsed / 60))
             if self.step % cfg.checkpoint_every == 0 or last:
                 self._save_checkpoint()
         bar.close()
@@ -319,7 +347,8 @@ class KDTrainer:
         with torch.no_grad():
             teacher_logits = forward_sparse(self.teacher, x, m)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.config, self.step, self.total_steps)
+            group["lr"] = (learning_rate(self.config, self.step, self.total_steps) if self.config.minutes is None
+                           else learning_rate(self.config, self.elapsed, self.config.minutes * 60))
         student = self.accelerator.unwrap_model(self.student)
         loss = kd_loss(forward_sparse(student, x, m), teacher_logits, self.config.temperature)
         self.optimizer.zero_grad(set_to_none=True)
@@ -345,14 +374,11 @@ class KDTrainer:
         cfg = self.config
         self.online.inverter.competitor = self._competitor()
         fresh = self.online.advance(self.step % self.online.num_slots, cfg.inversion_steps)
-        replay = self.online.batch()
+        # The fresh batch is always seen; the replayed rows are drawn from the memory and every visited slot.
+        replay = self.online.sample(cfg.batch_size, generator)
         x = torch.cat([fresh.normalized(), replay.normalized()])
         m = torch.cat([fresh.patch_mask, replay.patch_mask])
-        # The fresh batch is always seen; the replayed rows are drawn from the whole visited pool.
-        index = torch.cat([torch.arange(len(fresh)),
-                           len(fresh) + torch.randint(len(replay), (cfg.batch_size,), generator=generator)])
-        index = index.to(x.device)
-        return augment_batch(x[index], m[index], generator, flip=cfg.flip, mixup=cfg.mixup)
+        return augment_batch(x, m, generator, flip=cfg.flip, mixup=cfg.mixup)
 
     def _competitor(self) -> nn.Module | None:
         weight = self.inverter.config.competition_weight if self.inverter is not None else 0
@@ -391,13 +417,20 @@ class KDTrainer:
         path = self._checkpoint_path()
         if path is None or not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "student": self.accelerator.unwrap_model(self.student).state_dict(),
+        state = {"step": self.step, "elapsed": self.elapsed, "student": self.accelerator.unwrap_model(self.student).state_dict(),
                  "optimizer": self.optimizer.state_dict(), "history": self.history, "config": self.config.to_dict(),
                  "pool": self.pool if self.config.source == "alternating" else None,
-                 "online": self.online.state_dict() if self.online is not None else None}
+                 "online": self.online.state_dict() if self.online is not None else None,
+                 "inversion": self._inversion_settings()}
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
+
+    def _inversion_settings(self) -> dict | None:
+        """The inverter's config where it makes the data (a resumed run must invert alike)."""
+        if self.inverter is None or self.config.source == "pool":
+            return None
+        return {k: v for k, v in self.inverter.config.to_dict().items() if k != "log_every"}
 
     def _load_checkpoint(self) -> None:
         path = self._checkpoint_path()
@@ -406,9 +439,11 @@ class KDTrainer:
         state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
         if state["config"] != self.config.to_dict():
             raise ValueError(f"{path} was written with another DistillConfig; use another out_dir or delete it")
+        if state.get("inversion") != self._inversion_settings():
+            raise ValueError(f"{path} was written with another InversionConfig; use another out_dir or delete it")
         self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.history = state["step"], state["history"]
+        self.step, self.history, self.elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
         if state.get("pool") is not None:
             self._set_pool(state["pool"])
         if state.get("online") is not None:

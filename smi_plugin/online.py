@@ -1,11 +1,14 @@
 """A pool of images that keep being inverted while a student learns from them (online KD).
 
-The pool is ``ceil(size / B)`` slots of ``B = config.batch_size`` images, each an inverter state
+The pool is ``ceil(size / B)`` slots of ``B = min(config.batch_size, size)`` images, each an inverter state
 (noise at first). ``advance(slot, k)`` takes ``k`` more inversion steps on one slot, stopping
-patches on the config's schedule by the slot's own iteration count (its "age"); ``batch()`` is the
-current pool as an ``InvertedBatch`` (only slots inverted at least once), the library's one data
-type, so sampling and the trainer treat it like any fixed pool. The pool is plain state: pickled
-with the student's checkpoint, it resumes exactly.
+patches on the config's schedule by the slot's own iteration count (its "age"). With ``renew``, a
+slot that has run the config's ``iterations`` is finished: its images join a replay memory of the
+last ``size`` finished samples and the slot starts again from fresh noise, so the student keeps
+seeing new samples (fresh samples beat polishing a fixed few, Fast-DFKD). ``batch()`` is the
+memory plus the current slots as an ``InvertedBatch``, the library's one data type, so sampling
+and the trainer treat it like any fixed pool. The pool is plain state: pickled with the
+student's checkpoint, it resumes exactly.
 
 Inverter API used: ``start(labels, seed)``, ``step(state, iteration, scoring=)``,
 ``stop(state, stage, scores)``, ``stages``, ``policy.needs_scores``, ``session()`` (teacher
@@ -24,6 +27,8 @@ from .batch import InvertedBatch, balanced_labels, kept_indices_for
 from .inverter import InversionState, SparseInverter, derive_seed
 from .tokens import indices_to_mask
 
+POOL_SEED_INDEX = 1 << 40  # derive_seed(seed, POOL_SEED_INDEX) seeds the pool's noise, apart from KD steps
+
 
 @dataclass
 class _Slot:
@@ -41,37 +46,62 @@ class OnlinePool:
     Args:
         inverter: the teacher's ``SparseInverter``; its config gives the batch size, lr, schedule.
         size: images in the pool (rounded up to whole slots).
-        seed: slot ``j`` starts from the noise of ``derive_seed(seed, j)``, labels balanced over classes.
+        seed: slot ``j``'s ``g``-th start is seeded with ``derive_seed(pool_seed, j + g * num_slots)``
+            (``pool_seed = derive_seed(seed, POOL_SEED_INDEX)``), labels balanced over classes.
+        renew: restart finished slots (age ``config.iterations``) from noise, keeping their images
+            in the replay memory; otherwise slots keep being inverted for the whole run.
     """
 
     inverter: SparseInverter
     size: int
     seed: int = 0
+    renew: bool = True
     slots: dict[int, _Slot] = field(default_factory=dict)
+    memory: InvertedBatch | None = None  # the last ``size`` finished samples
+    finished: int = 0  # samples finished so far (more than the memory holds in a long run)
+    renewals: dict[int, int] = field(default_factory=dict)
 
     @property
     def slot_size(self) -> int:
-        return self.inverter.config.batch_size
+        return min(self.inverter.config.batch_size, self.size)
 
     @property
     def num_slots(self) -> int:
         return max(1, math.ceil(self.size / self.slot_size))
 
     def __len__(self) -> int:
-        """Images inverted at least once (the distinct samples a student can have seen)."""
-        return sum(len(s.state.labels) for s in self.slots.values() if s.age > 0)
+        """Distinct samples inverted at least once (finished ones and those under inversion)."""
+        return self.finished + sum(len(s.state.labels) for s in self.slots.values() if s.age > 0)
 
     def _start(self, index: int) -> _Slot:
         classes, b = self.inverter.num_classes, self.slot_size
         labels = balanced_labels(b * (index + 1), classes)[b * index:]
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.inverter.device)
-        return _Slot(self.inverter.start(labels, derive_seed(self.seed, index)))
+        renewal = self.renewals.get(index, 0)
+        # Seeds of their own: the trainer seeds KD step k's generator with derive_seed(seed, k).
+        pool_seed = derive_seed(self.seed, POOL_SEED_INDEX)
+        return _Slot(self.inverter.start(labels, derive_seed(pool_seed, index + renewal * self.num_slots)))
+
+    def _retire(self, index: int) -> None:
+        """Move slot ``index``'s finished images to the memory and start it again from noise."""
+        done = self._batch([self.slots.pop(index)])
+        memory = done if self.memory is None else InvertedBatch.concatenate([self.memory, done])
+        memory = memory.select(range(max(0, len(memory) - self.size), len(memory)))
+        self.finished += len(done)
+        # concatenate() nests the parts' provenance: kept flat, or it would deepen with every renewal
+        memory.provenance = {"source": "online", "finished": self.finished}
+        self.memory = memory
+        self.renewals[index] = self.renewals.get(index, 0) + 1
 
     def advance(self, index: int, steps: int) -> InvertedBatch:
         """``steps`` more inversion iterations on slot ``index``; returns its images now."""
         inverter = self.inverter
+        if self.renew and index in self.slots and self.slots[index].age >= inverter.config.iterations:
+            self._retire(index)
         slot = self.slots.get(index) or self._start(index)
         self.slots[index] = slot
+        if self.renew:  # a slot runs exactly the config's iterations before it is renewed
+            steps = min(steps, inverter.config.iterations - slot.age)
         stages = {stage.iteration: stage for stage in inverter.stages}
         last = inverter.config.iterations - 1
         with inverter.session() as attention:
@@ -90,9 +120,21 @@ class OnlinePool:
         slot.mask = indices_to_mask(slot.state.kept, inverter.grid)
         return self._batch([slot])
 
+    def sample(self, count: int, generator: torch.Generator) -> InvertedBatch:
+        """``count`` rows drawn uniformly (with replacement) from ``batch()``, gathering only those rows."""
+        parts = ([self.memory] if self.memory is not None else []) + \
+            [self._batch([s]) for _, s in sorted(self.slots.items()) if s.age > 0]
+        sizes = torch.tensor([len(p) for p in parts])
+        rows = torch.randint(int(sizes.sum()), (count,), generator=generator)
+        part = torch.bucketize(rows, sizes.cumsum(0), right=True)
+        offset = sizes.cumsum(0) - sizes
+        return InvertedBatch.concatenate([parts[i].select(rows[part == i] - offset[i])
+                                          for i in part.unique().tolist()])
+
     def batch(self) -> InvertedBatch:
-        """Every slot inverted at least once, as one batch (current values)."""
-        return self._batch([s for _, s in sorted(self.slots.items()) if s.age > 0])
+        """The memory of finished samples and every slot inverted at least once (current values)."""
+        current = self._batch([s for _, s in sorted(self.slots.items()) if s.age > 0])
+        return current if self.memory is None else InvertedBatch.concatenate([self.memory, current])
 
     def _batch(self, slots: list[_Slot]) -> InvertedBatch:
         inverter = self.inverter
@@ -105,9 +147,11 @@ class OnlinePool:
 
     def state_dict(self) -> dict:
         """Picklable state (inverter states with their Adam moments and generators)."""
-        return {"size": self.size, "seed": self.seed, "slots": self.slots}
+        return {"size": self.size, "seed": self.seed, "renew": self.renew, "slots": self.slots,
+                "memory": self.memory, "finished": self.finished, "renewals": self.renewals}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["size"], state["seed"]) != (self.size, self.seed):
-            raise ValueError("the checkpointed online pool has another size or seed")
-        self.slots = state["slots"]
+        if (state["size"], state["seed"], state.get("renew", False)) != (self.size, self.seed, self.renew):
+            raise ValueError("the checkpointed online pool has another size, seed or renewal setting")
+        self.slots, self.memory = state["slots"], state.get("memory")
+        self.finished, self.renewals = state.get("finished", 0), state.get("renewals", {})
