@@ -138,8 +138,8 @@ class InversionConfig(ConfigBase):
     flip: bool = option(True, "random horizontal flips")
     crop_scale: tuple[float, float] = option((0.25, 1.0), "area range of the random resized crops "
                                              "(--augment pixel)")
-    tie_channels: bool = option(False, "optimise one gray channel replicated over RGB (a prior for "
-                                "grayscale teachers)")
+    tie_channels: bool = option(False, "optimise one gray channel replicated over RGB, a prior for grayscale "
+                                "teachers (the CLI turns it on for the teachers of its packaged grayscale datasets)")
     seed: int = option(0, "seed of the initial noise and the augmentation")
     mean: Optional[tuple[float, ...]] = option(None, "input normalization mean overriding the teacher's "
                                                "pretrained_cfg")

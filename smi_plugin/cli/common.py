@@ -84,14 +84,19 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, InversionConfig, "inversion (InversionConfig)", skip=("mean", "std"))
 
 
-def inversion_config(args: argparse.Namespace, **defaults: Any) -> InversionConfig:
-    """``InversionConfig`` from: library defaults < preset < ``defaults`` < ``--config`` file < explicit flags.
+def inversion_config(args: argparse.Namespace, teacher=None, **defaults: Any) -> InversionConfig:
+    """``InversionConfig`` from: library defaults < ``defaults`` < preset < ``--config`` file < explicit flags.
 
-    A schedule whose stages never apply is an error here (the library only warns).
+    ``defaults`` are the command's own: a preset's fields win over them. With ``teacher``, a teacher of
+    a packaged dataset (all grayscale) gets ``tie_channels=True`` unless something above says otherwise:
+    one gray channel is optimised, as the data it learned from was gray. A schedule whose stages never
+    apply is an error here (the library only warns).
     """
+    if teacher is not None and teacher_dataset(args, teacher) in DATASETS:
+        defaults = {"tie_channels": True, **defaults}
     preset = PRESETS[getattr(args, "preset", "default")]
     file_values = read_config_file(getattr(args, "config", None), InversionConfig)
-    config = config_from_args(InversionConfig, args, {**preset, **defaults}, file_values)
+    config = config_from_args(InversionConfig, args, {**defaults, **preset}, file_values)
     late = config.late_stages()
     if late:
         raise CLIError(f"stopping stages at iterations {late} come at or after the last of {config.iterations} "

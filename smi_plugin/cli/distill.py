@@ -1,7 +1,9 @@
 """``smi distill``: data-free knowledge distillation from inverted images, judged on real held-out images.
 
-The ``DistillConfig`` flags are generated from its fields; ``--mode full`` starts from the
-``DistillConfig.for_mode("full")`` recipe (AdamW, cosine) and any flag given overrides it.
+The ``DistillConfig`` flags are generated from its fields. With no flag, the command trains for
+``DEFAULT_MINUTES`` on the online source (a pool kept under sparse inversion while the student
+learns), in linear-probe mode where a pretrained backbone is known and full mode otherwise;
+``DistillConfig.for_mode`` gives each mode's recipe and any flag given overrides it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from ..zoo import RECIPES, TeacherError, load_card, load_teacher
 from .common import (
     add_inversion_arguments,
     add_teacher_arguments,
-    inversion_config,
     evaluation_split,
+    inversion_config,
     load_teacher_from_args,
     teacher_dataset,
 )
@@ -42,7 +44,9 @@ from .options import CLIError, add_config_arguments, config_from_args
 logger = logging.getLogger(__name__)
 
 # Inversion defaults of the online source: big batches, few small steps at a time.
-ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1}
+ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1, "iterations": 100}
+# The command's training budget when neither --steps nor --epochs is given.
+DEFAULT_MINUTES = 10.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,15 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_inversion_arguments(parser)
     _add_distill_arguments(parser)
     group = parser.add_argument_group("student and outputs")
-    group.add_argument("--mode", default="linear-probe", choices=list(MODES),
+    group.add_argument("--mode", default="auto", choices=["auto", *MODES],
                        help="linear-probe: frozen pretrained backbone + new head (the paper); full: train every "
-                            "weight (default: %(default)s)")
+                            "weight; auto: linear-probe where a pretrained backbone is known (the zoo card's, or a "
+                            "pretrained --student), full otherwise (default: %(default)s)")
     group.add_argument("--student", default=None, help="student (zoo or timm name); default: the teacher card's "
                        "backbone for linear-probe, a smaller ViT on the same patch grid for full")
     group.add_argument("--student-pretrained", action="store_true", help="timm student: timm's pretrained weights")
     group.add_argument("--student-checkpoint", default=None, help="timm student: a local checkpoint")
-    group.add_argument("--num-images", type=int, default=256, help="inverted images in the pool (source pool) "
-                       "(default: %(default)s)")
+    group.add_argument("--num-images", type=int, default=None, help="inverted images: the pool of --source pool "
+                       "(default: 256), the images under inversion of --source online (default: --pool-size)")
     group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
                        help="real data to evaluate on (default: the zoo teacher's)")
     group.add_argument("--out", default=None, help="checkpoints (resumable), history.json, learning_curve.png "
@@ -77,16 +82,40 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ``DistillConfig`` field (``--kd-`` before the names inversion uses; the seed is
     the inversion's ``--seed``, the mode is ``--mode``)."""
     title = (f"distillation (DistillConfig; --mode full starts from {MODE_DEFAULTS['full']}, --source online "
-             f"from {SOURCE_DEFAULTS['online']} and inversion {ONLINE_INVERSION})")
-    add_config_arguments(parser, DistillConfig, title, skip=("mode", "seed"), prefix="kd_", prefixed=PREFIXED)
+             f"from {SOURCE_DEFAULTS['online']} and inversion {ONLINE_INVERSION}; without --steps or --epochs "
+             f"the budget is --minutes)")
+    add_config_arguments(parser, DistillConfig, title, defaults={"source": "online", "minutes": DEFAULT_MINUTES},
+                         skip=("mode", "seed"), prefix="kd_", prefixed=PREFIXED)
+
+
+def resolve_mode(args: argparse.Namespace, teacher) -> str:
+    """``--mode``, with ``auto`` resolved: linear-probe where a pretrained backbone is known, else full."""
+    if args.mode != "auto":
+        return args.mode
+    if args.student is not None:
+        pretrained = args.student in RECIPES or args.student_pretrained or args.student_checkpoint
+    else:
+        zoo_name = teacher.pretrained_cfg.get("zoo_name")
+        pretrained = zoo_name in RECIPES and RECIPES[zoo_name].init_from is not None
+    return "linear-probe" if pretrained else "full"
 
 
 def distill_config(args: argparse.Namespace, seed: int) -> DistillConfig:
-    """``DistillConfig.for_mode(--mode)`` overridden by the flags given."""
+    """``DistillConfig.for_mode(--mode)`` overridden by the flags given; the source is online and the
+    budget ``DEFAULT_MINUTES`` unless the flags say otherwise."""
+    if args.mode == "auto":
+        raise CLIError("--mode auto is resolved against the teacher first (resolve_mode)")
+    source = args.source or "online"
     try:
-        recipe = DistillConfig.for_mode(args.mode, source=args.source or "pool").to_dict()
+        recipe = DistillConfig.for_mode(args.mode, source=source).to_dict()
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
+    length_given = args.steps is not None or args.epochs is not None
+    if length_given and args.minutes is not None:
+        raise CLIError("--minutes and --steps/--epochs both set the training length: give one")
+    recipe["minutes"] = None if length_given else DEFAULT_MINUTES
+    if source == "online" and args.num_images is not None:
+        recipe["pool_size"] = args.num_images
     return config_from_args(DistillConfig, args, {**recipe, "seed": seed}, prefix="kd_", prefixed=PREFIXED)
 
 
@@ -127,8 +156,9 @@ def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[s
 
 def run(args: argparse.Namespace) -> None:
     teacher = load_teacher_from_args(args)
-    online = (args.source or "pool") == "online"
-    config = inversion_config(args, **(ONLINE_INVERSION if online else {}))
+    args.mode = resolve_mode(args, teacher)
+    online = (args.source or "online") == "online"
+    config = inversion_config(args, teacher, **(ONLINE_INVERSION if online else {}))
     kd = distill_config(args, config.seed)
     test = evaluation_split(args, teacher)
     if test is None:
@@ -142,7 +172,7 @@ def run(args: argparse.Namespace) -> None:
     trainer = KDTrainer(teacher, student, kd, test, mean, std, out_dir=args.out, inverter=inverter)
     pool = None
     if kd.source == "pool":
-        pool = [inverter.invert(balanced_labels(args.num_images, int(teacher.num_classes)))]
+        pool = [inverter.invert(balanced_labels(args.num_images or 256, int(teacher.num_classes)))]
     history = trainer.fit(pool)
     classes = int(teacher.num_classes)
     accuracy = history["eval"][-1][1] if history["eval"] else None
@@ -151,7 +181,7 @@ def run(args: argparse.Namespace) -> None:
               "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std, device=device) if test is not None else None,
               "student_accuracy": accuracy, "chance_accuracy": 1 / classes,
               "failed": accuracy is not None and failed(accuracy, classes),
-              "steps": trainer.step, "curve": history["eval"], "inversion": config.to_dict(),
+              "steps": trainer.step, "curve": history["eval"], "curve_minutes": history["minutes"], "inversion": config.to_dict(),
               "distillation": kd.to_dict()}
     if args.out:
         card = {"architecture": architecture, "model_kwargs": model_kwargs, "num_classes": classes,

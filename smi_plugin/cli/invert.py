@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     teacher = load_teacher_from_args(args)
-    config = inversion_config(args)
+    config = inversion_config(args, teacher)
     labels = parse_labels(args.labels, args.num_images, int(teacher.num_classes))
     try:
         out = invert_to_directory(teacher, config, args.out, labels, progress=not args.quiet)

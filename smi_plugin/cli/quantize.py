@@ -82,7 +82,7 @@ def run_deploy(args: argparse.Namespace) -> None:
     if args.num_calibration < 1:
         raise CLIError(f"--num-calibration must be >= 1, got {args.num_calibration}")
     teacher = load_teacher_from_args(args)
-    config = inversion_config(args)
+    config = inversion_config(args, teacher)
     test = evaluation_split(args, teacher)  # None: no real held-out data, the card's accuracies stay null
     train = teacher_splits(args, teacher)[0] if source == "real" else None
     try:
@@ -125,7 +125,7 @@ def run_compare(args: argparse.Namespace) -> None:
     from ..integrations.torchao_report import compare_calibrations, format_report
 
     teacher = load_teacher_from_args(args)
-    config = inversion_config(args)
+    config = inversion_config(args, teacher)
     train, test = teacher_splits(args, teacher)
     try:
         report = compare_calibrations(
