@@ -15,6 +15,14 @@ pretrained on other real data (``--mode linear-probe``, the paper's setting) or 
     python benchmarks/distillation_transfer.py --teacher fashion-mnist-vit-ft --mode linear-probe --json kd.json
     python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --dense-images 512 --json kd.json
 
+``--online MINUTES`` measures the online loop instead (``smi distill``'s default source): each of
+``--variants`` (``ONLINE_VARIANTS``: the defaults, dense or random stopping, a fixed pool, the
+competition term, ...) runs ``smi distill`` with its defaults plus the variant's flags for the same
+wall-clock budget, ``--jobs`` at a time with one thread each (equal CPU per variant), and the table
+reports student top-1 against minutes of training (wall clock, evaluations included):
+
+    python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --online 12 --jobs 2 --json online.json
+
 Inversion flags are the CLI's (``smi invert --help``); ``--schedule`` sets the sparse run's stages
 (default: the paper's, scaled to ``--iterations``).
 """
@@ -23,7 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -82,8 +95,72 @@ def distil(args, teacher, batches, test, mean, std) -> dict:
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
 
 
+# smi distill flags of each online variant, on top of the command's defaults.
+ONLINE_VARIANTS = {
+    "defaults (sparse, renewed pool)": [],
+    "dense": ["--schedule", "dense"],
+    "random stopping": ["--selection", "random"],
+    "fixed pool (no renewal)": ["--no-renew"],
+    "competition term": ["--competition-weight", "1.0"],
+    "three free channels": ["--no-tie-channels"],  # the zoo's grayscale teachers tie them by default
+}
+
+
+def online_runs(args, extra: list[str]) -> dict:
+    """Each chosen ``ONLINE_VARIANTS`` entry as an ``smi distill`` run of ``args.online`` minutes."""
+    names = [n.strip() for n in args.variants.split(";")] if args.variants else list(ONLINE_VARIANTS)
+    unknown = [n for n in names if n not in ONLINE_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {list(ONLINE_VARIANTS)} (separated by ';')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"} if args.jobs > 1 else dict(os.environ)
+    results, running = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, name in enumerate(names):
+            out = Path(tmp) / f"{index}.json"
+            command = [sys.executable, "-m", "smi_plugin.cli", "distill", "--teacher", args.teacher, "--mode",
+                       args.mode, "--minutes", str(args.online), "--eval-every", str(args.eval_every),
+                       "--json", str(out), *ONLINE_VARIANTS[name], *extra]
+            running.append((name, out, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)))
+            if len(running) >= args.jobs or index == len(names) - 1:
+                for run_name, run_out, process in running:
+                    if process.wait() != 0:
+                        for _, _, other in running:
+                            other.kill()
+                        raise SystemExit(f"variant {run_name!r} failed: {' '.join(process.args)}")
+                    report = json.loads(run_out.read_text())
+                    results[run_name] = {key: report[key] for key in ("student_accuracy", "teacher_accuracy", "steps",
+                                                                      "inverted_images", "curve", "curve_minutes",
+                                                                      "failed")}
+                running = []
+    return results
+
+
+def online_main(args, extra: list[str]) -> None:
+    results = {"teacher": args.teacher, "mode": args.mode, "minutes": args.online, "jobs": args.jobs,
+               "threads_per_run": 1 if args.jobs > 1 else torch.get_num_threads(), "extra_flags": extra,
+               "variants": online_runs(args, extra)}
+    marks = [m for m in (2, 5, 10, 15, 20, 30) if m < args.online] + [args.online]
+    print(f"online KD, teacher {args.teacher}, mode {args.mode}, {args.online:g} min per variant, "
+          f"{results['threads_per_run']} thread(s) each; top-1 on the real held-out set")
+    print(f"{'variant':<34}{'steps':>7}{'samples':>9}" + "".join(f"{f'@{m:g} min':>10}" for m in marks))
+    for name, r in results["variants"].items():
+        at = []
+        for mark in marks:  # the last evaluation at or before each mark (the final one at the budget)
+            seen = [acc for (_, acc), (_, minute) in zip(r["curve"], r["curve_minutes"]) if minute <= mark + 1e-9]
+            at.append(f"{100 * seen[-1]:.1f}%" if seen else "-")
+        at[-1] = f"{100 * r['student_accuracy']:.1f}%"
+        print(f"{name:<34}{r['steps']:>7}{r['inverted_images']:>9}" + "".join(f"{a:>10}" for a in at))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--online", type=float, default=None, metavar="MINUTES",
+                        help="measure the online loop's variants for this many minutes each (flags after -- go "
+                             "to every smi distill run)")
+    parser.add_argument("--variants", default=None, help=f"';'-separated subset of {list(ONLINE_VARIANTS)}")
+    parser.add_argument("--jobs", type=int, default=1, help="online variants run at once (one thread each if > 1)")
     parser.add_argument("--teacher", default="fashion-mnist-vit-ft")
     parser.add_argument("--backbone", default=None, help="linear-probe student backbone (default: the teacher's init_from)")
     parser.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"])
@@ -97,7 +174,12 @@ def main() -> None:
                         help="real training images for the reference row (default: --dense-images; 0: skip)")
     parser.add_argument("--json", default=None)
     add_inversion_arguments(parser)
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if args.online is not None:
+        online_main(args, [e for e in extra if e != "--"])
+        return
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     teacher = load_teacher(args.teacher)
     mean, std = model_normalization(teacher)

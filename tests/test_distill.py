@@ -105,30 +105,74 @@ def _online(teacher, pool_size=16):
 
 def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, monkeypatch):
     teacher, _, mean, std, _ = digits
-    config = DistillConfig.for_mode("full", source="online", steps=6, pool_size=16, batch_size=4, inversion_steps=2,
+    config = DistillConfig.for_mode("full", source="online", steps=10, pool_size=16, batch_size=4, inversion_steps=2,
                                     mixup=0.5, checkpoint_every=3, eval_every=100)
     reference = tiny_student()
     uninterrupted = KDTrainer(teacher, reference, config, None, mean, std, inverter=_online(teacher), progress=False)
     uninterrupted.fit()
-    # Two slots of 8, each advanced 2 iterations per visit: 3 visits each, a stop at age 2 (32 -> ... patches).
-    assert uninterrupted.images_seen == 16
-    ages = [slot.age for slot in uninterrupted.online.slots.values()]
-    assert ages == [6, 6] and uninterrupted.online.batch().patch_mask.flatten(1).sum(1).unique().tolist() == [32]
+    # Two slots of 8, 2 iterations per visit, 5 visits each: a stop at age 2 (64 -> 32 patches); at the
+    # 4th visit each slot has run its 6 iterations, so its images go to the memory and it restarts from noise.
+    online = uninterrupted.online
+    assert [slot.age for slot in online.slots.values()] == [4, 4] and online.finished == 16
+    assert uninterrupted.images_seen == 32 and len(online.batch()) == 32
+    assert online.batch().patch_mask.flatten(1).sum(1).unique().tolist() == [32]
+    assert not torch.equal(online.memory.images[:8], online.slots[0].images)  # a new sample, not the old one
 
     trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path,
                         inverter=_online(teacher), progress=False)
-    _interrupt_at(trainer, monkeypatch, 5)
+    _interrupt_at(trainer, monkeypatch, 10)  # the last checkpoint (step 9) comes after both renewals
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["online"]["slots"]  # the pool is state
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["online"]["memory"] is not None  # pool is state
     resumed_student = tiny_student()
     resumed = KDTrainer(teacher, resumed_student, config, None, mean, std, out_dir=tmp_path,
                         inverter=_online(teacher), progress=False)
     history = resumed.fit()
-    assert [step for step, _ in history["kd_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in history["kd_loss"]] == list(range(1, 11))
     assert torch.equal(resumed.online.batch().images, uninterrupted.online.batch().images)
     for a, b in zip(reference.state_dict().values(), resumed_student.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
+    other = SparseInverter(teacher, _online(teacher).config.replace(lr=0.2), progress=False)
+    with pytest.raises(ValueError, match="another InversionConfig"):  # the pool would be inverted otherwise
+        KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, inverter=other,
+                  progress=False).fit()
+
+
+def test_a_fixed_online_pool_keeps_inverting_the_same_samples(digits):
+    teacher, _, mean, std, _ = digits
+    config = DistillConfig.for_mode("full", source="online", steps=10, pool_size=16, batch_size=4, renew=False)
+    trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, inverter=_online(teacher), progress=False)
+    trainer.fit()
+    assert [slot.age for slot in trainer.online.slots.values()] == [10, 10] and trainer.images_seen == 16
+
+
+def test_a_minutes_budget_ends_training_drives_the_schedule_and_resumes(digits, monkeypatch, tmp_path):
+    from smi_plugin import distill
+
+    teacher, _, mean, std, pool = digits
+    clock = iter(float(t) for t in range(0, 1000, 15))  # every reading advances a fake clock by 15 s
+    monkeypatch.setattr(distill, "monotonic", lambda: next(clock))
+    config = DistillConfig.for_mode("full", minutes=1.0, steps=1000, eval_every=1000, checkpoint_every=2)
+    trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, progress=False)
+    lrs, train_step = [], trainer.train_step
+
+    def recording_step(x, m):
+        loss = train_step(x, m)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        return loss
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    _interrupt_at(trainer, monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit([pool])
+    # steps 1-3 ran at 0, 15 and 30 s of the 60 s budget; the 4th was interrupted
+    assert lrs == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * t / 60)) for t in (0, 15, 30)])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert (state["step"], state["elapsed"]) == (2, 30.0)  # 15 s a step: the clock is checkpointed
+    resumed = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, progress=False)
+    resumed.fit([pool])
+    # the resumed run gets what is left: 30 s more, two steps, then the budget (not the 1000 steps) ends it
+    assert (resumed.step, resumed.elapsed) == (4, 60.0)
 
 
 def test_competition_term_uses_the_student(tiny_vit):
@@ -165,8 +209,11 @@ def test_cli_flags_are_generated_from_the_config_with_its_defaults():
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    args = parser.parse_args(["distill", "--teacher", "digits-vit"])
-    assert distill_config(args, seed=0) == DistillConfig()  # one set of defaults: --steps is 500 as in Python
+    args = parser.parse_args(["distill", "--teacher", "digits-vit", "--mode", "full"])
+    # The command's defaults: the recipe of the mode and the online source, for a 10-minute budget.
+    assert distill_config(args, seed=0) == DistillConfig.for_mode("full", source="online", minutes=10.0)
+    args = parser.parse_args(["distill", "--mode", "full", "--source", "pool", "--steps", "9"])
+    assert distill_config(args, seed=0) == DistillConfig.for_mode("full", steps=9)  # a length given: no budget
     args = parser.parse_args(["distill", "--mode", "full", "--steps", "7", "--kd-lr", "0.01", "--source", "online",
                               "--mixup", "0.5", "--lr", "0.3"])
     config = distill_config(args, seed=4)
@@ -267,7 +314,8 @@ def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, c
     from smi_plugin.cli import main
 
     out = tmp_path / "run"
-    main(["distill", "--teacher", "digits-vit", "--mode", "full", "--num-images", "40", "--iterations", "20",
+    main(["distill", "--teacher", "digits-vit", "--mode", "full", "--source", "pool", "--num-images", "40",
+          "--iterations", "20",
           "--batch-size", "40", "--tie-channels", "--steps", "120", "--seed", "0", "--eval-every", "1000",
           "--json", str(tmp_path / "kd.json"), "--out", str(out)])
     report = json.loads((tmp_path / "kd.json").read_text())
