@@ -316,20 +316,22 @@ class KDTrainer:
             self._set_pool(as_pool(pool))
         self._load_checkpoint()
         self.total_steps = cfg.total_steps(len(self.pool) if cfg.source == "pool" else 0)
-        budget = None if cfg.minutes is None else cfg.minutes * 60
-        bar = progress_bar(None if budget else self.total_steps, initial=self.step, enabled=self.progress,
+        timed = cfg.minutes is not None
+        bar = progress_bar(None if timed else self.total_steps, initial=self.step, enabled=self.progress,
                            desc=f"distilling ({cfg.mode}, {cfg.source}"
-                                + (f", {cfg.minutes:g} min)" if budget else ")"), unit="step")
+                                + (f", {cfg.minutes:g} min)" if timed else ")"), unit="step")
         self.student.train(cfg.mode == "full")  # a frozen backbone keeps its dropout/norm behaviour fixed
         clock = monotonic() - self.elapsed
-        while (self.elapsed < budget) if budget else (self.step < self.total_steps):
+        position, total = self.progress_position()
+        while position < total:
             x, m = self.next_batch()
             loss = self.train_step(x, m)
             self.elapsed = monotonic() - clock
             self.history["kd_loss"].append((self.step, loss))
             bar.update(1)
             bar.set_postfix(kd_loss=f"{loss:.3f}", pool=self.images_seen)
-            last = self.elapsed >= budget if budget else self.step == self.total_steps
+            position, total = self.progress_position()
+            last = position >= total
             if self.eval_split is not None and (self.step % cfg.eval_every == 0 or last):
                 self.history["eval"].append((self.step, self.evaluate()))
                 self.history["pool_size"].append((self.step, self.images_seen))
@@ -340,6 +342,13 @@ class KDTrainer:
         self._write_outputs()
         return self.history
 
+    def progress_position(self) -> tuple[float, float]:
+        """Where training is, and where it ends: (steps taken, total steps), or (seconds elapsed,
+        budget seconds) under ``config.minutes``; the loop, its end and the schedule all read this."""
+        if self.config.minutes is None:
+            return self.step, self.total_steps
+        return self.elapsed, self.config.minutes * 60
+
     def train_step(self, x: torch.Tensor, m: torch.Tensor) -> float:
         """One KD step on normalized inputs ``x`` with patch masks ``m``; the teacher labels the same view."""
         device = self.accelerator.device
@@ -347,8 +356,7 @@ class KDTrainer:
         with torch.no_grad():
             teacher_logits = forward_sparse(self.teacher, x, m)
         for group in self.optimizer.param_groups:
-            group["lr"] = (learning_rate(self.config, self.step, self.total_steps) if self.config.minutes is None
-                           else learning_rate(self.config, self.elapsed, self.config.minutes * 60))
+            group["lr"] = learning_rate(self.config, *self.progress_position())
         student = self.accelerator.unwrap_model(self.student)
         loss = kd_loss(forward_sparse(student, x, m), teacher_logits, self.config.temperature)
         self.optimizer.zero_grad(set_to_none=True)
