@@ -100,45 +100,48 @@ ONLINE_VARIANTS = {
     "defaults (sparse, renewed pool)": [],
     "dense": ["--schedule", "dense"],
     "random stopping": ["--selection", "random"],
+    "rebirth": ["--selection", "rebirth"],
     "fixed pool (no renewal)": ["--no-renew"],
     "competition term": ["--competition-weight", "1.0"],
     "three free channels": ["--no-tie-channels"],  # the zoo's grayscale teachers tie them by default
 }
 
 
-def online_runs(args, extra: list[str]) -> dict:
-    """Each chosen ``ONLINE_VARIANTS`` entry as an ``smi distill`` run of ``args.online`` minutes."""
-    names = [n.strip() for n in args.variants.split(";")] if args.variants else list(ONLINE_VARIANTS)
-    unknown = [n for n in names if n not in ONLINE_VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown --variants {unknown}; choose from {list(ONLINE_VARIANTS)} (separated by ';')")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"} if args.jobs > 1 else dict(os.environ)
+def online_runs(teacher: str, variants: dict[str, list[str]], budget: list[str], jobs: int,
+                extra: list[str] = ()) -> dict:
+    """``smi distill --teacher TEACHER`` with its defaults plus each variant's flags, the ``budget`` flags
+    (``--minutes M`` or ``--steps N``) and ``extra``; ``jobs`` at a time, one thread each if more than one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"} if jobs > 1 else dict(os.environ)
     results, running = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        for index, name in enumerate(names):
+        for index, (name, flags) in enumerate(variants.items()):
             out = Path(tmp) / f"{index}.json"
-            command = [sys.executable, "-m", "smi_plugin.cli", "distill", "--teacher", args.teacher, "--mode",
-                       args.mode, "--minutes", str(args.online), "--eval-every", str(args.eval_every),
-                       "--json", str(out), *ONLINE_VARIANTS[name], *extra]
+            command = [sys.executable, "-m", "smi_plugin.cli", "distill", "--teacher", teacher, *budget,
+                       "--json", str(out), *flags, *extra]
             running.append((name, out, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)))
-            if len(running) >= args.jobs or index == len(names) - 1:
+            if len(running) >= jobs or index == len(variants) - 1:
                 for run_name, run_out, process in running:
                     if process.wait() != 0:
                         for _, _, other in running:
                             other.kill()
                         raise SystemExit(f"variant {run_name!r} failed: {' '.join(process.args)}")
                     report = json.loads(run_out.read_text())
-                    results[run_name] = {key: report[key] for key in ("student_accuracy", "teacher_accuracy", "steps",
-                                                                      "inverted_images", "curve", "curve_minutes",
-                                                                      "failed")}
+                    results[run_name] = {key: report[key] for key in ("mode", "student_accuracy", "teacher_accuracy",
+                                                                      "steps", "inverted_images", "curve",
+                                                                      "curve_minutes", "failed")}
                 running = []
     return results
 
 
 def online_main(args, extra: list[str]) -> None:
+    names = [n.strip() for n in args.variants.split(";")] if args.variants else list(ONLINE_VARIANTS)
+    unknown = [n for n in names if n not in ONLINE_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {list(ONLINE_VARIANTS)} (separated by ';')")
+    budget = ["--mode", args.mode, "--minutes", str(args.online), "--eval-every", str(args.eval_every)]
     results = {"teacher": args.teacher, "mode": args.mode, "minutes": args.online, "jobs": args.jobs,
                "threads_per_run": 1 if args.jobs > 1 else torch.get_num_threads(), "extra_flags": extra,
-               "variants": online_runs(args, extra)}
+               "variants": online_runs(args.teacher, {n: ONLINE_VARIANTS[n] for n in names}, budget, args.jobs, extra)}
     marks = [m for m in (2, 5, 10, 15, 20, 30) if m < args.online] + [args.online]
     print(f"online KD, teacher {args.teacher}, mode {args.mode}, {args.online:g} min per variant, "
           f"{results['threads_per_run']} thread(s) each; top-1 on the real held-out set")

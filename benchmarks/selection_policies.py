@@ -7,21 +7,21 @@ repo's data-like recipe for grayscale teachers (``InversionConfig.preset("data-l
    per second; every emitted sample counts (Patch Rebirth emits up to v per trajectory);
 2. equal budget: every policy gets the same time (``--seconds``) and inverts as many batches as fit
    by that timing (at least one; the timed batch is the first of them), all from the same seeds;
-3. calibration: torchao PTQ (pt2e, linear layers) at W8A8 and W4A4, calibrated on the first
-   ``--calibration-images`` samples of each policy (the same count for all), evaluated densely on
-   the real held-out set: top-1 and the logits' SQNR against FP32;
-4. distillation (``--no-distill`` skips it): a student distilled for ``--kd-steps`` KD steps (the
-   trainer's defaults) on each policy's whole pool, top-1 on the same real held-out images. The
-   student is ``benchmarks/distillation_transfer.py``'s: the paper's linear probe for teachers with
-   a pretrained backbone (fashion-mnist-vit probes ``fashion-mnist-backbone``, pretrained on real
-   images of half of Fashion-MNIST's classes), the small from-scratch ViT otherwise;
+3. calibration: torchao PTQ (pt2e, linear layers) at W8A8 and W4A4, calibrated on
+   ``--calibration-images`` samples drawn at random from each policy's samples (``--calibration-draws``
+   draws, the same draw seeds for every policy; mean and spread over draws), evaluated densely on the
+   real held-out set: top-1 and the logits' SQNR against FP32;
+4. distillation (``--kd-minutes 0`` skips it): ``smi distill --teacher NAME --selection POLICY`` with
+   the command's defaults (the online loop; mode auto: the linear probe where the zoo card names a
+   pretrained backbone, full KD otherwise) for the same wall-clock minutes per policy, ``--kd-jobs`` at
+   a time with one thread each (equal CPU); top-1 on the teacher's real held-out set;
 5. pictures: a grid of each policy's samples per teacher (Patch Rebirth: one trajectory per row)
    and the four side by side, under ``--out``, with a summary JSON per teacher.
 
 Prints a table per teacher and writes JSON (``--json``). No real training image is used.
 
     python benchmarks/selection_policies.py --json outputs/selection/selection.json
-    python benchmarks/selection_policies.py --teachers digits-vit --seconds 20 --kd-steps 100 --json sel.json
+    python benchmarks/selection_policies.py --teachers digits-vit --seconds 20 --kd-minutes 2 --json sel.json
 """
 
 from __future__ import annotations
@@ -29,32 +29,28 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from distillation_transfer import invert_for, make_student
+from distillation_transfer import invert_for, online_runs
 
 from smi_plugin import InversionConfig, SparseInverter, load_teacher
 from smi_plugin.batch import InvertedBatch
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer
 from smi_plugin.evaluation import predict_logits, sqnr_db, top1_accuracy
 from smi_plugin.images import model_normalization
 from smi_plugin.integrations.torchao import quantize_with_inverted_data
-from smi_plugin.integrations.torchao_report import format_report, summarize
+from smi_plugin.integrations.torchao_report import summarize
 from smi_plugin.io import atomic_path, atomic_write_text
 from smi_plugin.tokens import forward_kept_tokens
 from smi_plugin.visualize import save_grid
-from smi_plugin.zoo import RECIPES, load_card
+from smi_plugin.zoo import load_card
 
 POLICIES = ("smi", "random", "dense", "rebirth")
 SCHEMES = ("w8a8", "w4a4")
-# Zoo teachers with no pretrained init of their own whose student is still the paper's linear probe:
-# a backbone pretrained on other real data (fashion-mnist-backbone: real images of classes 0-4).
-LINEAR_PROBE_BACKBONES = {"fashion-mnist-vit": "fashion-mnist-backbone"}
 
 
 def inversion_recipe(args: argparse.Namespace, grayscale: bool, policy: str) -> InversionConfig:
@@ -91,30 +87,23 @@ def teacher_hits(teacher, pool: InvertedBatch) -> float:
     return top1_accuracy(logits, pool.labels)
 
 
-def calibration_runs(teacher, policy: str, calibration: SparseInvertedCalibrationDataset, test, reference,
+def calibration_runs(teacher, policy: str, pool: InvertedBatch, count: int, draws: int, test, reference,
                      mean, std, range_estimator: str, seconds: float) -> list[dict]:
-    """One PTQ per scheme calibrated on ``calibration``; rows as ``torchao_report.summarize`` takes them."""
+    """One PTQ per scheme and draw, each calibrated on ``count`` samples of ``pool`` drawn at random (draw
+    ``k`` seeded with ``k`` for every policy: Patch Rebirth's rows come grouped by emission, so its
+    first rows would all be the first-emitted samples); rows as ``torchao_report.summarize`` takes them."""
     runs = []
-    for scheme in SCHEMES:
-        qmodel = quantize_with_inverted_data(teacher, calibration, scheme, backend="pt2e", coverage="linear",
-                                             range_estimator=range_estimator)
-        logits = predict_logits(qmodel, test, mean, std)
-        runs.append({"source": policy, "seed": 0, "scheme": scheme, "coverage": "linear",
-                     "top1": top1_accuracy(logits, test.labels), "sqnr_db": sqnr_db(reference, logits),
-                     "calibration_seconds": seconds, "kept_fraction": calibration.kept_fraction})
+    for draw in range(draws):
+        rows = torch.randperm(len(pool), generator=torch.Generator().manual_seed(draw))[:count]
+        calibration = SparseInvertedCalibrationDataset.from_batches([pool.select(rows.tolist())])
+        for scheme in SCHEMES:
+            qmodel = quantize_with_inverted_data(teacher, calibration, scheme, backend="pt2e", coverage="linear",
+                                                 range_estimator=range_estimator)
+            logits = predict_logits(qmodel, test, mean, std)
+            runs.append({"source": policy, "seed": draw, "scheme": scheme, "coverage": "linear",
+                         "top1": top1_accuracy(logits, test.labels), "sqnr_db": sqnr_db(reference, logits),
+                         "calibration_seconds": seconds, "kept_fraction": calibration.kept_fraction})
     return runs
-
-
-def distillation(args: argparse.Namespace, name: str, teacher, pool: InvertedBatch, test, mean, std) -> dict:
-    """Student top-1 on ``test`` after ``--kd-steps`` KD steps on ``pool`` (same student init for every policy)."""
-    backbone = LINEAR_PROBE_BACKBONES.get(name) or RECIPES[name].init_from
-    mode = "linear-probe" if backbone else "full"
-    torch.manual_seed(0)  # the linear probe's new head is drawn from the global generator
-    student = make_student(SimpleNamespace(mode=mode, backbone=backbone, teacher=name), teacher)
-    config = DistillConfig.for_mode(mode, steps=args.kd_steps, eval_every=args.kd_steps)
-    history = KDTrainer(teacher, student, config, test, mean, std, progress=False).fit(pool)
-    return {"mode": mode, "backbone": backbone, "steps": args.kd_steps, "images": len(pool),
-            "top1": history["eval"][-1][1], "config": config.to_dict()}
 
 
 def grid_rows(batch: InvertedBatch, images: int) -> tuple[list[int], int]:
@@ -181,14 +170,14 @@ def run_teacher(args: argparse.Namespace, name: str) -> dict:
                "samples_per_cpu_second": samples / max(run["cpu_seconds"], 1e-9),
                "timed_batch_samples_per_second": len(batches[0]) / run["timed_batch_seconds"],
                "kept_fraction": pool.patch_mask.float().mean().item(), "teacher_hits": teacher_hits(teacher, pool)}
-        calibration = SparseInvertedCalibrationDataset.from_batches([pool.select(range(calibration_count))])
-        policy_runs = calibration_runs(teacher, policy, calibration, test, reference, mean, std, args.range_estimator,
+        policy_runs = calibration_runs(teacher, policy, pool, calibration_count, args.calibration_draws, test,
+                                       reference, mean, std, args.range_estimator,
                                        calibration_count / row["samples_per_second"])
         runs += policy_runs
-        row["calibration_kept_fraction"] = calibration.kept_fraction
-        row["quantization"] = {r["scheme"]: {"top1": r["top1"], "sqnr_db": r["sqnr_db"]} for r in policy_runs}
-        if args.distill:
-            row["distillation"] = distillation(args, name, teacher, pool, test, mean, std)
+        row["calibration_kept_fraction"] = statistics.fmean(r["kept_fraction"] for r in policy_runs)
+        row["quantization"] = {r["scheme"]: {"top1": r["top1_mean"], "top1_std": r["top1_std"],
+                                             "sqnr_db": r["sqnr_mean"], "sqnr_std": r["sqnr_std"]}
+                               for r in summarize(policy_runs)}
         shown = batches[0] if "trajectory" in batches[0].provenance else pool  # rebirth: whole trajectories
         picture, width = grid_rows(shown, args.grid_images)
         path = out / f"{policy}.png"
@@ -198,10 +187,16 @@ def run_teacher(args: argparse.Namespace, name: str) -> dict:
         grids.append(path)
         rows[policy] = row
     side_by_side(grids, list(rows), out / "policies.png")
+    if args.kd_minutes > 0:  # every policy's student trains for the same minutes, after all timings
+        budget = ["--minutes", str(args.kd_minutes), "--seed", str(args.seed)]
+        students = online_runs(name, {p: ["--selection", p] for p in rows}, budget, args.kd_jobs)
+        for policy, student in students.items():
+            rows[policy]["distillation"] = {"minutes": args.kd_minutes, "jobs": args.kd_jobs, **student}
 
     result = {"teacher": name, "dataset": card["dataset"], "grayscale": grayscale, "eval_images": len(test),
               "fp32_top1": top1_accuracy(reference, test.labels), "seconds_per_policy": args.seconds,
-              "calibration_images": calibration_count, "range_estimator": args.range_estimator,
+              "calibration_images": calibration_count, "calibration_draws": args.calibration_draws,
+              "range_estimator": args.range_estimator,
               "policies": rows, "quantization_summary": summarize(runs),
               "pictures": {p: str(out / f"{p}.png") for p in rows} | {"side_by_side": str(out / "policies.png")}}
     atomic_write_text(out / "summary.json", json.dumps(result, indent=2) + "\n")
@@ -211,36 +206,39 @@ def run_teacher(args: argparse.Namespace, name: str) -> dict:
 def print_teacher(result: dict) -> None:
     print(f"\n{result['teacher']}: FP32 top-1 {100 * result['fp32_top1']:.2f}% on {result['eval_images']} real "
           f"held-out images; {result['seconds_per_policy']:.0f} s of inversion per policy; "
-          f"{result['calibration_images']} calibration samples")
+          f"{result['calibration_images']} calibration samples x {result['calibration_draws']} draws")
     header = (f"{'policy':<9}{'samples':>8}{'traj.':>7}{'batches':>8}{'seconds':>8}{'samples/s':>10}{'kept':>6}"
-              f"{'hits':>6}" + "".join(f"{s.upper() + ' top-1/SQNR':>20}" for s in SCHEMES) + f"{'KD top-1':>10}")
+              f"{'hits':>6}" + "".join(f"{s.upper() + ' top-1 / SQNR':>28}" for s in SCHEMES) + f"{'KD top-1':>10}")
     print(header)
     for policy, r in result["policies"].items():
-        quant = "".join(f"{100 * r['quantization'][s]['top1']:>12.2f}%/{r['quantization'][s]['sqnr_db']:>4.1f}dB"
-                        for s in SCHEMES)
-        kd = f"{100 * r['distillation']['top1']:>9.2f}%" if "distillation" in r else f"{'-':>10}"
+        quant = "".join(f"{100 * q['top1']:>10.2f}±{100 * q['top1_std']:.2f}% {q['sqnr_db']:>5.1f}±{q['sqnr_std']:.1f}dB"
+                        for q in (r["quantization"][s] for s in SCHEMES))
+        kd = f"{100 * r['distillation']['student_accuracy']:>9.2f}%" if "distillation" in r else f"{'-':>10}"
         print(f"{policy:<9}{r['samples']:>8}{r['trajectories']:>7}{r['batches']:>8}{r['seconds']:>8.1f}"
               f"{r['samples_per_second']:>10.1f}{r['kept_fraction']:>6.0%}{r['teacher_hits']:>6.0%}{quant}{kd}")
-    print(format_report({"summary": result["quantization_summary"], "fp32_top1": result["fp32_top1"],
-                         "eval_images": result["eval_images"], "num_calibration": result["calibration_images"]}))
+    kd = next((r["distillation"] for r in result["policies"].values() if "distillation" in r), None)
+    if kd is not None:
+        print(f"KD: smi distill --selection POLICY, mode {kd['mode']}, {kd['minutes']:g} min each, "
+              f"{kd['jobs']} at a time (teacher {100 * kd['teacher_accuracy']:.2f}%)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teachers", default="digits-vit,fashion-mnist-vit,fashion-mnist-scattered-vit",
+    parser.add_argument("--teachers", default="digits-vit,fashion-mnist-vit,fashion-mnist-vit-ft,fashion-mnist-scattered-vit",
                         help="comma-separated zoo names")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated selection policies")
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rebirth-divisions", type=int, default=4,
-                        help="rebirth samples per trajectory when the schedule is dense (else its stages + 1)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="inversion time budget of every policy")
+                        help="rebirth samples per trajectory (emitted at evenly spaced iterations)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="inversion time budget of every policy")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first batch (the same for every policy)")
     parser.add_argument("--calibration-images", type=int, default=32)
+    parser.add_argument("--calibration-draws", type=int, default=3, help="random calibration sets per policy")
     parser.add_argument("--range-estimator", default="minmax", choices=("minmax", "percentile", "mse"))
     parser.add_argument("--eval-images", type=int, default=1000, help="real held-out images evaluated on")
-    parser.add_argument("--kd-steps", type=int, default=300)
-    parser.add_argument("--no-distill", dest="distill", action="store_false")
+    parser.add_argument("--kd-minutes", type=float, default=6.0, help="smi distill minutes per policy (0: skip)")
+    parser.add_argument("--kd-jobs", type=int, default=2, help="KD runs at once (one thread each if > 1)")
     parser.add_argument("--grid-images", type=int, default=16, help="samples pictured per policy")
     parser.add_argument("--out", default="outputs/selection", help="pictures and per-teacher summaries")
     parser.add_argument("--json", default=None)

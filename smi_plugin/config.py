@@ -119,8 +119,8 @@ class InversionConfig(ConfigBase):
     selection: str = option("smi", "which patches a stage removes: smi (least attended are stopped), random, "
                             "dense (never stop), rebirth (most attended leave as finished samples)",
                             choices=lambda: sorted(SELECTION_POLICIES))
-    rebirth_divisions: int = option(4, "samples per trajectory for --selection rebirth when the schedule is "
-                                    "dense (otherwise the schedule's stages + 1)")
+    rebirth_divisions: int = option(4, "samples per trajectory for --selection rebirth, emitted at evenly "
+                                    "spaced iterations (the schedule does not apply)")
     ce_weight: float = option(1.0, "weight of the cross-entropy to the target labels")
     tv_l2_weight: float = option(1e-4, "weight of the l2 total variation (the paper: 1e-4)")
     tv_l1_weight: float = option(0.0, "weight of the l1 total variation")

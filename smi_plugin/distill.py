@@ -276,10 +276,6 @@ class KDTrainer:
             # each process has its own clock: they would stop after different step counts and hang
             raise ValueError("DistillConfig.minutes needs one process (each has its own clock); give steps "
                              "for a multi-process run")
-        if config.source == "online" and inverter.config.selection == "rebirth":
-            # the online pool trains on each slot's current patches; rebirth's detached samples would be lost
-            raise ValueError("source='online' does not take selection='rebirth' (its detached samples would be "
-                             "lost); use source='pool' with rebirth, or another selection policy")
         if accelerator is None:
             from accelerate import Accelerator
 

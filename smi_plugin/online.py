@@ -82,16 +82,30 @@ class OnlinePool:
         pool_seed = derive_seed(self.seed, POOL_SEED_INDEX)
         return _Slot(self.inverter.start(labels, derive_seed(pool_seed, index + renewal * self.num_slots)))
 
-    def _retire(self, index: int) -> None:
-        """Move slot ``index``'s finished images to the memory and start it again from noise."""
-        done = self._batch([self.slots.pop(index)])
+    def _remember(self, done: InvertedBatch) -> None:
+        """Append finished samples to the replay memory, which keeps the last ``size``."""
         memory = done if self.memory is None else InvertedBatch.concatenate([self.memory, done])
         memory = memory.select(range(max(0, len(memory) - self.size), len(memory)))
         self.finished += len(done)
         # concatenate() nests the parts' provenance: kept flat, or it would deepen with every renewal
         memory.provenance = {"source": "online", "finished": self.finished}
         self.memory = memory
+
+    def _retire(self, index: int) -> None:
+        """Move slot ``index``'s finished images to the memory and start it again from noise."""
+        self._remember(self._batch([self.slots.pop(index)]))
         self.renewals[index] = self.renewals.get(index, 0) + 1
+
+    def _release_emitted(self, slot: _Slot) -> None:
+        """Patch Rebirth's detached samples are finished when emitted: they go to the memory at once."""
+        inverter = self.inverter
+        for _, canvas, positions in slot.state.emitted:
+            mask = indices_to_mask(positions, inverter.grid)
+            self._remember(InvertedBatch(
+                images=inverter.channels.to_pixels(canvas, inverter.grid).detach(), patch_mask=mask,
+                labels=slot.state.labels, kept_indices=kept_indices_for(mask), mean=tuple(inverter.mean),
+                std=tuple(inverter.std), provenance={"source": "online"}))
+        slot.state.emitted.clear()
 
     def advance(self, index: int, steps: int) -> InvertedBatch:
         """``steps`` more inversion iterations on slot ``index``; returns its images now."""
@@ -116,6 +130,7 @@ class OnlinePool:
                 if scoring:
                     slot.scores = attention.get("scores")
         slot.age += steps
+        self._release_emitted(slot)
         slot.images = inverter.channels.to_pixels(slot.state.current_patches(), inverter.grid).detach()
         slot.mask = indices_to_mask(slot.state.kept, inverter.grid)
         return self._batch([slot])

@@ -133,21 +133,18 @@ class DenseSelection(SelectionPolicy):
 class RebirthSelection(SelectionPolicy):
     """Patch Rebirth (Heo & Choi, 2025): detach the *most*-attended patches as finished samples.
 
-    At ``v - 1`` evenly spread points of the run, ``num_patches // v`` of the most-attended retained
-    patches are detached: frozen like stopped patches and emitted as one sparse sample with its own
-    mask; the rest keep being inverted (reborn), and at the end they form the last sample. The points
-    are the schedule's stage iterations (``v`` = stages + 1; their ratios are ignored) or, with a
-    dense schedule, ``rebirth_divisions - 1`` evenly spaced iterations. One trajectory thus yields
-    ``v`` samples whose masks are disjoint and cover the grid.
+    At ``v - 1`` evenly spaced points of the run (``v = rebirth_divisions``), ``num_patches // v`` of
+    the most-attended retained patches are detached: frozen like stopped patches and emitted as one
+    sparse sample with its own mask; the rest keep being inverted (reborn), and at the end they form
+    the last sample. One trajectory thus yields ``v`` samples whose masks are disjoint and cover the
+    grid. The stopping schedule is SMI's and does not apply: its early stages would emit samples
+    after a handful of iterations, before anything has formed.
     """
 
     def plan(self, num_patches):
-        iterations = self.config.iterations
-        points = [i for i, _ in self.config.schedule.stages if i < iterations]
-        if not points:
-            divisions = self.config.rebirth_divisions
-            points = sorted({max(1, round(j * iterations / divisions)) for j in range(1, divisions)})
-            points = [i for i in points if i < iterations]
+        iterations, divisions = self.config.iterations, self.config.rebirth_divisions
+        points = sorted({max(1, round(j * iterations / divisions)) for j in range(1, divisions)})
+        points = [i for i in points if i < iterations]
         divisions = len(points) + 1
         share = num_patches // divisions
         if share < 1:

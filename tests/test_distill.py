@@ -146,6 +146,27 @@ def test_a_fixed_online_pool_keeps_inverting_the_same_samples(digits):
     assert [slot.age for slot in trainer.online.slots.values()] == [10, 10] and trainer.images_seen == 16
 
 
+def test_rebirth_samples_join_the_online_memory_as_they_are_emitted(digits):
+    from smi_plugin.online import OnlinePool
+
+    teacher = digits[0]
+    inverter = SparseInverter(teacher, _online(teacher).config.replace(selection="rebirth", rebirth_divisions=2),
+                              progress=False)
+    pool = OnlinePool(inverter, size=8, seed=0)
+    pool.advance(0, 3)
+    assert pool.memory is None and len(pool.batch()) == 8  # the emitting stage is at iteration 3 of 6
+    pool.advance(0, 1)
+    emitted, current = pool.memory, pool.slots[0]
+    assert pool.finished == 8 and len(pool.batch()) == 16
+    assert emitted.patch_mask.flatten(1).sum(1).tolist() == [32] * 8  # the 32 most-attended of 64
+    assert not (emitted.patch_mask & current.mask).any() and (emitted.patch_mask | current.mask).all()
+    first = emitted.images.clone()
+    pool.advance(0, 2)
+    assert torch.equal(pool.memory.images, first)  # emitted samples are finished: never changed again
+    pool.advance(0, 1)  # the slot ran its 6 iterations: its reborn rest joins the memory, the slot restarts
+    assert pool.finished == 16 and torch.equal(pool.memory.patch_mask, current.mask)
+
+
 def test_a_minutes_budget_ends_training_drives_the_schedule_and_resumes(digits, monkeypatch, tmp_path):
     from smi_plugin import distill
 

@@ -89,7 +89,7 @@ def test_dense_selection_keeps_every_patch_whatever_the_schedule(tiny_vit):
 
 def test_rebirth_emits_disjoint_samples_covering_the_grid(tiny_vit):
     inverter = SparseInverter(tiny_vit, _config(selection="rebirth", batch_size=2), progress=False)
-    assert [s.iteration for s in inverter.stages] == [2, 4, 6]
+    assert [s.iteration for s in inverter.stages] == [3, 6, 9]  # 4 divisions of 12, not the schedule's stages
     assert [s.keep for s in inverter.stages] == [48, 32, 16] and all(s.emit for s in inverter.stages)
     labels = [3, 1, 4]  # two chunks: trajectories 0, 1 and 2
     lengths = []
@@ -99,7 +99,7 @@ def test_rebirth_emits_disjoint_samples_covering_the_grid(tiny_vit):
     assert sorted(set(lengths)) == [17, 33, 49, 65]  # detached patches are never forwarded again
     assert len(batch) == 4 * len(labels)
     trajectory, emitted_at = batch.provenance["trajectory"], batch.provenance["emitted_at"]
-    assert sorted(set(emitted_at)) == [2, 4, 6, 12]
+    assert sorted(set(emitted_at)) == [3, 6, 9, 12]
     for t, label in enumerate(labels):
         rows = [i for i, r in enumerate(trajectory) if r == t]
         assert len(rows) == 4 and all(batch.labels[i].item() == label for i in rows)
@@ -120,8 +120,9 @@ def test_rebirth_detaches_the_most_attended_patches():
     assert survivors.tolist() == [[0, 2]]  # 0.9 and 0.7 leave as a finished sample
 
 
-def test_rebirth_with_a_dense_schedule_uses_evenly_spaced_divisions(tiny_vit):
-    inverter = SparseInverter(tiny_vit, _config(selection="rebirth", schedule="dense", rebirth_divisions=3),
+@pytest.mark.parametrize("schedule", ["dense", "2:0.3,4:0.3,6:0.5"])
+def test_rebirth_uses_evenly_spaced_divisions_whatever_the_schedule(tiny_vit, schedule):
+    inverter = SparseInverter(tiny_vit, _config(selection="rebirth", schedule=schedule, rebirth_divisions=3),
                               progress=False)
     assert inverter.stages == (Stage(4, 43, True), Stage(8, 22, True))
     batch = inverter.invert([0])

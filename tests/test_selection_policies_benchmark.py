@@ -15,7 +15,7 @@ def test_selection_policies_benchmark_reports_every_policy(tmp_path):
     out, report_path = tmp_path / "pictures", tmp_path / "selection.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/selection_policies.py"), "--teachers", "digits-vit",
                              "--iterations", "4", "--batch-size", "4", "--seconds", "1", "--eval-images", "50",
-                             "--kd-steps", "2", "--out", str(out), "--json", str(report_path)],
+                             "--kd-minutes", "0.02", "--calibration-draws", "2", "--out", str(out), "--json", str(report_path)],
                             check=False, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.splitlines()
@@ -36,7 +36,8 @@ def test_selection_policies_benchmark_reports_every_policy(tmp_path):
         for scheme in ("w8a8", "w4a4"):
             assert 0 <= row["quantization"][scheme]["top1"] <= 1
             assert isinstance(row["quantization"][scheme]["sqnr_db"], float)
-        assert row["distillation"]["steps"] == 2 and 0 <= row["distillation"]["top1"] <= 1
+        student = row["distillation"]  # smi distill --selection POLICY with its defaults: full KD for digits
+        assert student["minutes"] == 0.02 and student["mode"] == "full" and 0 <= student["student_accuracy"] <= 1
         assert (out / "digits-vit" / f"{policy}.png").is_file()
     policies = digits["policies"]
     # Dense inversion never stops a patch; the sparse policies keep fewer; rebirth emits several
@@ -46,5 +47,6 @@ def test_selection_policies_benchmark_reports_every_policy(tmp_path):
     assert policies["rebirth"]["samples"] > policies["rebirth"]["trajectories"]
     assert policies["smi"]["samples"] == policies["smi"]["trajectories"]
     assert {r["source"] for r in digits["quantization_summary"]} == set(POLICIES)
+    assert {r["seeds"] for r in digits["quantization_summary"]} == {2}  # two random calibration draws each
     assert (out / "digits-vit" / "policies.png").is_file()
     assert json.loads((out / "digits-vit" / "summary.json").read_text())["teacher"] == "digits-vit"
