@@ -3,8 +3,12 @@
 Everything is measured within one run as ratios. Per model and batch size:
 
 * seconds per iteration of *our* inverter (the production ``SparseInverter.step``) at every kept
-  count of the schedule, timed round-robin over the stages after warm-up, median over rounds;
+  count of the schedule, timed round-robin over the stages after warm-up, median over rounds; with
+  ``compile_step`` also the compiled step (``InversionConfig.compile_step``) after its compilation;
 * the projected whole run (``iterations`` steps, the schedule's stage lengths) and dense/sparse ratio;
+* the public API end to end (``SparseInverter(...).invert(labels)``, ``public_iterations`` long):
+  dense, the schedule scaled to that length (whole run), and every stop in the first iterations
+  (nearly all iterations at the final kept count), so the step timing cannot drift from what users get;
 * FLOPs per iteration (torch's ``FlopCounterMode``, with torch's SDPA formulas registered for the
   CPU flash-attention ops it does not cover);
 * peak memory of one iteration above the loaded model (fresh process per measurement on the CPU,
@@ -54,6 +58,8 @@ class BenchConfig:
         schedule: stopping schedule (text form); the paper's by default.
         steps: timed iterations per stage and round; rounds: interleaved repetitions (median taken).
         warmup: untimed iterations per stage before timing.
+        public_iterations: length of the public-API runs (0 skips them).
+        compile_step: also time the compiled step at every stage.
         reference: also time the reference-style implementation.
         memory: also measure peak memory (fresh processes on the CPU).
         flops: also count FLOPs.
@@ -67,6 +73,8 @@ class BenchConfig:
     steps: int = 3
     rounds: int = 3
     warmup: int = 1
+    public_iterations: int = 100
+    compile_step: bool = False
     reference: bool = True
     memory: bool = True
     flops: bool = True
@@ -75,7 +83,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchConfig":
         """Settings that keep one model under a minute on a 2-core CPU."""
-        return cls(**{"steps": 2, "rounds": 2, "warmup": 1, **overrides})
+        return cls(**{"steps": 2, "rounds": 2, "warmup": 1, "public_iterations": 50, **overrides})
 
 
 def _device(cfg: BenchConfig) -> torch.device:
@@ -187,6 +195,30 @@ def _time_steps(step, count: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / count
 
 
+def public_api_seconds(model, stages: Sequence[tuple[int, float]], batch_size: int, cfg: BenchConfig,
+                       device: torch.device) -> dict[str, float]:
+    """Wall time of ``SparseInverter(model, config).invert(labels)`` for ``public_iterations``: dense,
+    the schedule's ``stages`` scaled to that length (whole run), and the same stops in the first
+    iterations (nearly every iteration at the final kept count)."""
+    n, scaled, previous = cfg.public_iterations, [], 0
+    for iteration, ratio in stages:  # kept strictly increasing when a short run squeezes the stages
+        previous = max(previous + 1, round(iteration * n / cfg.iterations))
+        scaled.append(f"{previous}:{ratio}")
+    schedules = {"dense": "dense", "whole_run": ",".join(scaled),
+                 "final_stage": ",".join(f"{j + 1}:{ratio}" for j, (_, ratio) in enumerate(stages))}
+    labels = torch.arange(batch_size, device=device) % int(model.num_classes)
+    seconds = {}
+    for name, schedule in schedules.items():
+        config = InversionConfig(iterations=n, batch_size=batch_size, schedule=schedule, seed=0, log_every=n)
+        inverter = SparseInverter(model, config, progress=False)
+        _sync(device)
+        started = time.perf_counter()
+        inverter.invert(labels)
+        _sync(device)
+        seconds[name] = time.perf_counter() - started
+    return seconds
+
+
 def _stage_lengths(schedule: StoppingSchedule, iterations: int) -> list[int]:
     bounds = [0] + [i for i, _ in schedule.stages if i < iterations] + [iterations]
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
@@ -289,6 +321,14 @@ def benchmark_one(model_name: str, batch_size: int, cfg: BenchConfig) -> dict[st
                 if round_index == 0:
                     _time_steps(runner.step, cfg.warmup, device)
                 reference[name].append(_time_steps(runner.step, cfg.steps, device))
+    compiled: list[float] = []
+    if cfg.compile_step:
+        compiled_inverter = SparseInverter(model, inverter.config.replace(compile_step=True), progress=False)
+        with frozen(model):
+            for state in states:  # compilation first (a handful of graphs), then the timed steps
+                step = lambda i, st=state: compiled_inverter.step(st, i)  # noqa: E731
+                _time_steps(step, 2, device)
+                compiled.append(statistics.median(_time_steps(step, cfg.steps, device) for _ in range(cfg.rounds)))
     stage_seconds = [statistics.median(ours[s]) for s in range(len(counts))]
     lengths = _stage_lengths(schedule, cfg.iterations)
     dense_run = cfg.iterations * stage_seconds[0]
@@ -304,6 +344,18 @@ def benchmark_one(model_name: str, batch_size: int, cfg: BenchConfig) -> dict[st
         "final_stage_speedup": stage_seconds[0] / stage_seconds[-1],
         "torch_version": torch.__version__,
     }
+    if compiled:
+        compiled_sparse_run = sum(n * t for n, t in zip(lengths, compiled)) + sum(stop_seconds)
+        record.update(compiled_stage_seconds_per_iteration=compiled,
+                      compiled_whole_run_speedup=cfg.iterations * compiled[0] / compiled_sparse_run,
+                      compiled_final_stage_speedup=compiled[0] / compiled[-1],
+                      compiled_dense_speedup_over_eager=stage_seconds[0] / compiled[0],
+                      compiled_final_speedup_over_eager=stage_seconds[-1] / compiled[-1])
+    if cfg.public_iterations and schedule.stages:
+        public = public_api_seconds(model, schedule.stages, batch_size, cfg, device)
+        record.update(public_iterations=cfg.public_iterations, public_seconds=public,
+                      public_whole_run_speedup=public["dense"] / public["whole_run"],
+                      public_final_stage_speedup=public["dense"] / public["final_stage"])
     if runners:
         ref = {name: statistics.median(v) for name, v in reference.items()}
         record.update(reference_dense_seconds_per_iteration=ref["reference_dense"],
@@ -355,6 +407,10 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
                ("final s/it", "stage_seconds_per_iteration", None),
                ("whole-run x", "whole_run_speedup", "{:.2f}"), ("final x", "final_stage_speedup", "{:.2f}"),
                ("FLOP x", "final_stage_flop_ratio", "{:.2f}"),
+               ("API whole-run x", "public_whole_run_speedup", "{:.2f}"),
+               ("API final x", "public_final_stage_speedup", "{:.2f}"),
+               ("compiled final x", "compiled_final_stage_speedup", "{:.2f}"),
+               ("compiled/eager dense", "compiled_dense_speedup_over_eager", "{:.2f}"),
                ("x/FLOP x", "final_stage_speedup_over_flop_ratio", "{:.0%}"),
                ("mem sparse/dense", "peak_memory_ratio", "{:.0%}"),
                ("ours vs ref dense x", "reference_dense_speedup", "{:.2f}")]
@@ -384,7 +440,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", default="paper", help="'paper', 'dense' or 'IT:RATIO,...'")
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per stage and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (under a minute per model)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and rounds, 50-iteration public-API runs")
+    parser.add_argument("--public-iterations", type=int, default=None,
+                        help="length of the public-API invert() runs (default 100, --quick 50; 0 skips them)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="also time the compiled step (InversionConfig.compile_step) at every stage")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style implementation")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -395,7 +455,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     common = dict(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                   batch_sizes=tuple(int(b) for b in str(args.batch_size).split(",")),
                   iterations=args.iterations, schedule=args.schedule, reference=not args.no_reference,
-                  memory=not args.no_memory, device=args.device)
+                  memory=not args.no_memory, device=args.device, compile_step=args.compile_step)
+    if args.public_iterations is not None:
+        common["public_iterations"] = args.public_iterations
     if args.quick:
         return BenchConfig.quick(**common)
     return BenchConfig(steps=args.steps, rounds=args.rounds, **common)

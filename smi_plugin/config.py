@@ -147,6 +147,8 @@ class InversionConfig(ConfigBase):
                                               "pretrained_cfg")
     image_size: Optional[tuple[int, int]] = option(None, "(H, W) to invert at; default: the teacher's input size")
     log_every: int = option(10, "iterations between loss records (history and callback)")
+    compile_step: bool = option(False, "torch.compile the step's forward, loss and backward (CUDA graphs on "
+                                "a GPU); the first steps of each kept count pay the compilation")
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "iterations", "batch_size", "log_every", "rebirth_divisions")

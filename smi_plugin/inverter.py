@@ -16,7 +16,8 @@ functions elsewhere; this class only wires them together (the style of timm's ``
 * Augmentation (``augment``): whole-patch roll and flip, exactly equal to rolling/flipping the full
   image without touching it (dense inversion uses the same path), or random-resized-crop cells.
 * Patch importance is the last block's head-averaged CLS attention from the forward of the
-  previous iteration (only the CLS row is computed, and only on iterations right before a stage).
+  previous iteration (only the CLS row is computed, and only on iterations right before a stage;
+  the recording hook exists only during those forwards, so the other steps can be compiled).
   Tokens keep the retained patches' order under augmentation, so scores need no remapping.
 * The pixel priors (TV, l2) are computed on the whole image (retained patches scattered into the
   canvas), so their values match the dense definition; gradients reach retained pixels only.
@@ -122,6 +123,7 @@ class InversionState:
     positions: tuple[torch.Tensor, torch.Tensor]
     priors: RetainedPixelPriors | None = None  # None while every patch is retained
     emitted: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    scores: torch.Tensor | None = None  # (B, K) CLS attention recorded by the latest scoring step
 
     def current_patches(self) -> torch.Tensor:
         """All patches at their current values (retained ones from ``param``), detached."""
@@ -184,6 +186,14 @@ class SparseInverter:
         if not self.dtype.is_floating_point:
             raise TypeError(f"the model's parameters are {self.dtype}; inversion needs a floating-point model")
         self.channels = ChannelMap.build(self.mean, self.std, self.config.tie_channels, self.device, self.dtype)
+        self._objective_step = self._objective
+        if self.config.compile_step:
+            if self.config.base_method == "psaq":  # its loss reads features its hooks collect on the side
+                raise ValueError("compile_step does not take base_method='psaq'; set compile_step=False")
+            # Shapes that change (kept count, border pixels of a stage) become dynamic after their first
+            # change, so a run compiles a handful of graphs and reuses them across stages and batches.
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._objective_step = torch.compile(self._objective, mode=mode)
 
     @property
     def num_classes(self) -> int:
@@ -250,10 +260,13 @@ class SparseInverter:
             self.stop(state, planned, torch.rand(state.kept.shape, generator=generator).to(self.device))
         return state
 
-    def stop(self, state: InversionState, stage: Stage, scores: torch.Tensor | None) -> None:
-        """Apply one planned stage: the policy picks the survivors; the rest are frozen into the canvas
-        for good (and, for an emitting stage, recorded as a finished sample); param and Adam shrink."""
+    def stop(self, state: InversionState, stage: Stage, scores: torch.Tensor | None = None) -> None:
+        """Apply one planned stage: the policy picks the survivors (``scores`` default to the ones the
+        last scoring step recorded); the rest are frozen into the canvas for good (and, for an emitting
+        stage, recorded as a finished sample); param and Adam shrink."""
+        scores = state.scores if scores is None else scores
         survivors = self.policy.select(scores, state.kept, stage.keep, state.generator)
+        state.scores = None
         state.commit()
         if stage.emit:
             removed = state.kept.gather(1, removed_slots(survivors, state.kept.shape[1]))
@@ -268,14 +281,20 @@ class SparseInverter:
         """One optimisation step on the retained patches. Returns ``(loss, logits, loss parts)``.
 
         Everything returned is a tensor (no host sync). ``scoring`` marks the iteration right before
-        a stopping stage: with pixel augmentation it runs un-augmented so that each token's
-        attention belongs to exactly one retained patch.
+        a stopping stage: it records the last block's CLS attention into ``state.scores`` (for
+        policies that read it), eagerly, and with pixel augmentation it runs un-augmented so that
+        each token's attention belongs to exactly one retained patch.
         """
         cfg = self.config
         set_lr(state.optimizer, lr_at(cfg.lr_schedule, cfg.lr, iteration, cfg.iterations, cfg.warmup_iterations))
         positions, patches = self._augmented(state, scoring)
-        logits = forward_patches(self.model, self.grid, patches, positions, state.positions)
-        loss, parts = self._loss(state, logits, patches, positions)
+        inputs = (state.param, patches, positions, state.labels, state.positions, state.priors)
+        if scoring and self.policy.needs_scores:
+            with record_cls_attention(self.model) as attention:
+                loss, logits, parts = self._objective(*inputs)
+            state.scores = attention["scores"]
+        else:
+            loss, logits, parts = self._objective_step(*inputs)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -294,36 +313,33 @@ class SparseInverter:
             positions, patches = roll_flip_patches(state.kept, param, grid, cfg.jitter, cfg.flip, state.generator)
         return positions, self.channels.to_model(patches)
 
-    def _loss(self, state: InversionState, logits: torch.Tensor, patches: torch.Tensor,
-              positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The base method's loss on this step's logits and image, plus the competition term."""
-        priors = None
+    def _objective(self, param: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor,
+                   labels: torch.Tensor, position_cache: tuple[torch.Tensor, torch.Tensor],
+                   priors: RetainedPixelPriors | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, logits, parts)`` of one step: the base method's loss on the logits of ``patches`` at
+        ``positions`` and on the image (``param`` is every patch while ``priors`` is None), plus the
+        competition term. Tensors in, tensors out: the part ``compile_step`` compiles."""
+        logits = forward_patches(self.model, self.grid, patches, positions, position_cache)
+        # While every patch is retained, param is the whole image (kept is 0..N-1 in order).
+        image_priors = None
         if self.method.needs_images():
-            # While every patch is retained, param is the whole image (kept is 0..N-1 in order).
-            priors = (ImagePriors(patches_to_images(state.param, self.grid, self.channels.param_channels))
-                      if state.priors is None else state.priors.bind(state.param))
-        loss, parts = self.method.loss(logits, state.labels, priors)
+            image_priors = (ImagePriors(patches_to_images(param, self.grid, self.channels.param_channels))
+                            if priors is None else priors.bind(param))
+        loss, parts = self.method.loss(logits, labels, image_priors)
         if self.config.competition_weight > 0 and self.competitor is not None:
             divergence = jensen_shannon(forward_patches(self.competitor, self.grid, patches, positions), logits)
             loss = loss + self.config.competition_weight * (1 - divergence.clamp(0, 1))
             parts["competition_js"] = divergence.detach()
-        return loss, parts
+        return loss, logits, parts
 
     @contextmanager
-    def session(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The context ``step`` runs in: teacher (and competitor) frozen, the base method's hooks on.
-
-        Yields the CLS-attention record (``tokens.record_cls_attention``), installed only when the
-        policy reads scores and inactive until ``record["active"] = True``.
-        """
-        scored = bool(self.stages) and self.policy.needs_scores
+    def session(self) -> Iterator[None]:
+        """The context ``step`` runs in: teacher (and competitor) frozen, the base method's hooks on."""
         with ExitStack() as stack:
             stack.enter_context(frozen(self.model))
             stack.enter_context(frozen(self.competitor or nn.Identity()))
             stack.enter_context(self.method.hooks(self.model))
-            attention = stack.enter_context(record_cls_attention(self.model, enabled=scored))
-            attention["active"] = False
-            yield attention
+            yield
 
     def _invert_batch(self, labels: torch.Tensor, seed: int, snapshots: bool, bar) -> InvertedBatch:
         cfg = self.config
@@ -332,16 +348,15 @@ class SparseInverter:
         stages = {stage.iteration: stage for stage in self.stages}
         history: list[dict[str, Any]] = []
         shots: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        with self.session() as attention:
+        with self.session():
             for iteration in range(cfg.iterations):
                 stage = stages.get(iteration)
                 if stage is not None:
                     if snapshots:
                         shots.append(self._snapshot(iteration, state))
-                    self.stop(state, stage, attention.pop("scores", None))
+                    self.stop(state, stage)
                 # Attention is scored only on the forward right before a stage, for policies that read it.
                 scoring = (iteration + 1) in stages and self.policy.needs_scores
-                attention["active"] = scoring
                 loss, logits, parts = self.step(state, iteration, scoring=scoring)
                 if bar is not None:
                     bar.update(1)

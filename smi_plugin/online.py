@@ -10,9 +10,9 @@ memory plus the current slots as an ``InvertedBatch``, the library's one data ty
 and the trainer treat it like any fixed pool. The pool is plain state: pickled with the
 student's checkpoint, it resumes exactly.
 
-Inverter API used: ``start(labels, seed)``, ``step(state, iteration, scoring=)``,
-``stop(state, stage, scores)``, ``stages``, ``policy.needs_scores``, ``session()`` (teacher
-frozen, hooks on, attention recorded), ``channels.to_pixels``, ``num_classes``, ``grid``,
+Inverter API used: ``start(labels, seed)``, ``step(state, iteration, scoring=)`` (a scoring step
+records the attention in the state), ``stop(state, stage)``, ``stages``, ``policy.needs_scores``,
+``session()`` (teacher frozen, hooks on), ``channels.to_pixels``, ``num_classes``, ``grid``,
 ``mean``/``std``, ``device``, ``competitor``.
 """
 
@@ -34,7 +34,6 @@ POOL_SEED_INDEX = 1 << 40  # derive_seed(seed, POOL_SEED_INDEX) seeds the pool's
 class _Slot:
     state: InversionState
     age: int = 0
-    scores: torch.Tensor | None = None  # CLS attention recorded right before the next stage
     images: torch.Tensor | None = None  # (B, C, H, W) in [0, 1], refreshed after each advance
     mask: torch.Tensor | None = None
 
@@ -118,17 +117,13 @@ class OnlinePool:
             steps = min(steps, inverter.config.iterations - slot.age)
         stages = {stage.iteration: stage for stage in inverter.stages}
         last = inverter.config.iterations - 1
-        with inverter.session() as attention:
+        with inverter.session():
             for age in range(slot.age, slot.age + steps):
                 stage = stages.get(age)
                 if stage is not None:
-                    inverter.stop(slot.state, stage, slot.scores)
-                    slot.scores = None
+                    inverter.stop(slot.state, stage)
                 scoring = (age + 1) in stages and inverter.policy.needs_scores
-                attention["active"] = scoring
                 inverter.step(slot.state, min(age, last), scoring=scoring)
-                if scoring:
-                    slot.scores = attention.get("scores")
         slot.age += steps
         self._release_emitted(slot)
         slot.images = inverter.channels.to_pixels(slot.state.current_patches(), inverter.grid).detach()

@@ -19,12 +19,14 @@ def test_benchmark_record_on_a_small_vit(tmp_path, monkeypatch):
     original = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda name, **kw: original(name, depth=2, embed_dim=48, num_heads=3, **kw))
     cfg = BenchConfig(models=("deit_tiny_patch16_224",), batch_sizes=(2,), iterations=400, steps=1, rounds=1,
-                      memory=False)
+                      memory=False, public_iterations=20)
     record = benchmark_one("deit_tiny_patch16_224", 2, cfg)
     assert record["kept_counts"] == [196, 137, 95, 66, 46]
     assert record["stage_lengths"] == [50, 50, 100, 100, 100]
-    for key in ("whole_run_speedup", "final_stage_speedup", "final_stage_flop_ratio", "reference_dense_speedup"):
+    for key in ("whole_run_speedup", "final_stage_speedup", "final_stage_flop_ratio", "reference_dense_speedup",
+                "public_whole_run_speedup", "public_final_stage_speedup"):
         assert record[key] > 0
+    assert set(record["public_seconds"]) == {"dense", "whole_run", "final_stage"}
     # Hand count for one block's forward on N tokens of width d: 24*N*d^2 in the linear layers (qkv, proj,
     # a 4x MLP) plus 4*N^2*d in the two attention matmuls. Backward scales both alike, and the patch
     # embedding, head and priors are small, so the dense/sparse ratio follows from N = 197 vs 47.
