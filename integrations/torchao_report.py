@@ -8,6 +8,7 @@ against FP32, as mean and spread over calibration seeds.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Any, Sequence
@@ -57,9 +58,10 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
                          sources: Sequence[str] = BUILTIN_SOURCES, schemes: Sequence[str] = ("w8a8", "w4a8"),
                          coverages: Sequence[str] = ("linear",), seeds: Sequence[int] = (0,), num_calibration: int = 32,
                          inversion: InversionConfig | None = None, backend: str = "pt2e",
-                         range_estimator: str = "minmax", eval_images: int | None = None,
+                         range_estimator: str | Sequence[str] = "minmax", eval_images: int | None = None,
                          progress: bool = True) -> dict[str, Any]:
-    """Quantize ``teacher`` once per (source, seed, scheme, coverage); evaluate each on ``test_split``."""
+    """Quantize ``teacher`` once per (source, seed, scheme, coverage, range estimator); evaluate each on
+    ``test_split``. Each calibration set is made once and serves every scheme, coverage and estimator."""
     from tqdm.auto import tqdm
 
     inversion = inversion or InversionConfig(iterations=300, schedule=StoppingSchedule.paper_scaled(300))
@@ -68,21 +70,22 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
         test_split = test_split.subset(torch.arange(len(test_split)) < eval_images)
     with torch.no_grad():
         reference = predict_logits(teacher, test_split, mean, std)
+    estimators = [range_estimator] if isinstance(range_estimator, str) else list(range_estimator)
     runs: list[dict[str, Any]] = []
-    total = len(seeds) * len(sources) * len(schemes) * len(coverages)
+    total = len(seeds) * len(sources) * len(schemes) * len(coverages) * len(estimators)
     bar = tqdm(total=total, desc="quantizing", unit="model", disable=not progress)
     for seed in seeds:
         for source in sources:
             data, seconds = calibration_data(source, teacher, num_calibration, seed, inversion, train_split)
-            for scheme in schemes:
-                for coverage in coverages:
-                    qmodel = quantize_with_inverted_data(teacher, data, scheme, backend=backend, coverage=coverage,
-                                                         range_estimator=range_estimator)
-                    logits = predict_logits(qmodel, test_split, mean, std)
-                    runs.append({"source": source, "seed": seed, "scheme": scheme, "coverage": coverage,
-                                 "top1": top1_accuracy(logits, test_split.labels), "sqnr_db": sqnr_db(reference, logits),
-                                 "calibration_seconds": seconds, "kept_fraction": data.kept_fraction})
-                    bar.update(1)
+            for scheme, coverage, estimator in itertools.product(schemes, coverages, estimators):
+                qmodel = quantize_with_inverted_data(teacher, data, scheme, backend=backend, coverage=coverage,
+                                                     range_estimator=estimator)
+                logits = predict_logits(qmodel, test_split, mean, std)
+                runs.append({"source": source, "seed": seed, "scheme": scheme, "coverage": coverage,
+                             "range_estimator": estimator, "top1": top1_accuracy(logits, test_split.labels),
+                             "sqnr_db": sqnr_db(reference, logits), "calibration_seconds": seconds,
+                             "kept_fraction": data.kept_fraction})
+                bar.update(1)
     bar.close()
     return {"fp32_top1": top1_accuracy(reference, test_split.labels), "eval_images": len(test_split),
             "num_calibration": num_calibration, "backend": backend, "range_estimator": range_estimator,
@@ -90,31 +93,33 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread (population std) over seeds per (scheme, coverage, source)."""
+    """Mean and spread (population std) over seeds per (scheme, coverage, range estimator, source)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["scheme"], run["coverage"], run["source"]), []).append(run)
+        key = (run["scheme"], run["coverage"], run.get("range_estimator", "minmax"), run["source"])
+        groups.setdefault(key, []).append(run)
     rows = []
-    for (scheme, coverage, source), members in groups.items():
+    for (scheme, coverage, estimator, source), members in groups.items():
         top1 = [m["top1"] for m in members]
         sqnr = [m["sqnr_db"] for m in members]
-        rows.append({"scheme": scheme, "coverage": coverage, "source": source, "seeds": len(members),
-                     "top1_mean": statistics.fmean(top1), "top1_std": statistics.pstdev(top1),
+        rows.append({"scheme": scheme, "coverage": coverage, "range_estimator": estimator, "source": source,
+                     "seeds": len(members), "top1_mean": statistics.fmean(top1), "top1_std": statistics.pstdev(top1),
                      "sqnr_mean": statistics.fmean(sqnr), "sqnr_std": statistics.pstdev(sqnr),
                      "calibration_seconds": statistics.fmean(m["calibration_seconds"] for m in members)})
     return rows
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """One line per (scheme, coverage) with every source's top-1 and SQNR side by side."""
+    """One line per (scheme, coverage, range estimator) with every source's top-1 and SQNR side by side."""
     rows = report["summary"]
     sources = list(dict.fromkeys(r["source"] for r in rows))
-    header = ["scheme", "coverage"] + [f"{s} top1 / SQNR" for s in sources]
+    header = ["scheme", "coverage", "ranges"] + [f"{s} top1 / SQNR" for s in sources]
     lines = [header]
-    for scheme, coverage in dict.fromkeys((r["scheme"], r["coverage"]) for r in rows):
-        cells = [scheme, coverage]
+    settings = lambda r: (r["scheme"], r["coverage"], r.get("range_estimator", "minmax"))  # noqa: E731
+    for setting in dict.fromkeys(settings(r) for r in rows):
+        cells = list(setting)
         for source in sources:
-            match = [r for r in rows if (r["scheme"], r["coverage"], r["source"]) == (scheme, coverage, source)]
+            match = [r for r in rows if settings(r) == setting and r["source"] == source]
             if match:
                 r = match[0]
                 cells.append(f"{100 * r['top1_mean']:.2f}±{100 * r['top1_std']:.2f} / {r['sqnr_mean']:.1f}±{r['sqnr_std']:.1f}dB")
