@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the first batch (the same for every policy)")
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--calibration-draws", type=int, default=3, help="random calibration sets per policy")
-    parser.add_argument("--range-estimator", default="minmax", choices=("minmax", "percentile", "mse"))
+    parser.add_argument("--range-estimator", default="minmax", choices=("auto", "minmax", "percentile", "mse"))
     parser.add_argument("--eval-images", type=int, default=1000, help="real held-out images evaluated on")
     parser.add_argument("--kd-minutes", type=float, default=6.0, help="smi distill minutes per policy (0: skip)")
     parser.add_argument("--kd-jobs", type=int, default=2, help="KD runs at once (one thread each if > 1)")

@@ -238,7 +238,7 @@ def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.T
 
 
 def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
-                            range_estimator: str = "minmax", backend: str = "pt2e", test_split: Any = None,
+                            range_estimator: str = "auto", backend: str = "pt2e", test_split: Any = None,
                             eval_images: int | None = None, eval_batch_size: int = 500,
                             calibration: dict[str, Any] | None = None, teacher_name: str | None = None,
                             **options: Any) -> tuple[torch.export.ExportedProgram, nn.Module, dict]:
@@ -263,7 +263,7 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
     from smi_plugin.evaluation import predict_logits, sqnr_db, top1_accuracy
     from smi_plugin.images import model_normalization
 
-    from .torchao import quantize_with_inverted_data
+    from .torchao import quantize_with_inverted_data, resolve_range_estimator
 
     check_deployable(scheme, backend, coverage)
     qmodel = quantize_with_inverted_data(teacher, dataset, scheme, backend=backend, coverage=coverage,
@@ -272,7 +272,8 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
     compiled = compile_quantized(program)
     card: dict[str, Any] = {
         "teacher": teacher_name or teacher.pretrained_cfg.get("zoo_name") or teacher.pretrained_cfg.get("architecture"),
-        "scheme": scheme, "backend": backend, "coverage": coverage, "range_estimator": range_estimator,
+        "scheme": scheme, "backend": backend, "coverage": coverage,
+        "range_estimator": resolve_range_estimator(range_estimator, scheme),
         "ptq_options": dict(options),
         "input": {"shape": ["B", qmodel.grid.in_chans, *qmodel.grid.image_size],
                   "normalization": dict(zip(("mean", "std"), map(list, model_normalization(teacher))))},

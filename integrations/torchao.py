@@ -35,7 +35,19 @@ from smi_plugin.tokens import (PatchGrid, PatchLevelViT, check_vit, forward_patc
 SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a6": (8, 6), "w4a4": (4, 4)}
 BACKENDS = ("pt2e", "quantize_")
 COVERAGES = ("linear", "full")
-RANGE_ESTIMATORS = ("minmax", "percentile", "mse")
+RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
+
+
+def resolve_range_estimator(estimator: str, scheme: str) -> str:
+    """``auto``: min/max ranges for 8-bit activations, the MSE-optimal clipping below.
+
+    Measured on the digits teacher (``smi quantize --compare --range-estimators minmax,percentile,mse``,
+    32 calibration images, 2 seeds): at 8-bit activations min/max gave the highest logit SQNR with every
+    source; at W4A4 with full coverage MSE clipping gave 94% top-1 where min/max gave 32% (FP32 98.6%).
+    """
+    if estimator != "auto":
+        return estimator
+    return "minmax" if SCHEMES[scheme][1] >= 8 else "mse"
 
 
 @dataclass
@@ -51,9 +63,9 @@ class InvertedPTQConfig(ConfigBase):
     coverage: str = option("linear", "quantized ops: linear (torchao's X86 default: inputs of linear layers) or "
                            "full (also residual stream, LayerNorm/GELU/linear outputs, attention inputs; pt2e only)",
                            choices=COVERAGES)
-    range_estimator: str = option("minmax", "activation ranges over the retained tokens: minmax (the paper's), "
-                                  "percentile, or mse (the clipping that minimises quantization error)",
-                                  choices=RANGE_ESTIMATORS)
+    range_estimator: str = option("auto", "activation ranges over the retained tokens: minmax (the paper's), "
+                                  "percentile, mse (the clipping that minimises quantization error), or auto "
+                                  "(minmax for 8-bit activations, mse below: measured)", choices=RANGE_ESTIMATORS)
     percentile: float = option(99.99, "upper percentile of --range-estimator percentile (the lower is 100 - it)")
     batch_size: int = option(32, "calibration images per forward")
     max_samples: int = option(1 << 20, "values kept per observer for the percentile/mse estimators")
@@ -67,13 +79,19 @@ class InvertedPTQConfig(ConfigBase):
             raise ValueError(f"unknown coverage {self.coverage!r}; use one of {COVERAGES}")
         if self.range_estimator not in RANGE_ESTIMATORS:
             raise ValueError(f"unknown range_estimator {self.range_estimator!r}; use one of {RANGE_ESTIMATORS}")
-        if self.backend == "quantize_" and (self.scheme, self.coverage, self.range_estimator) != ("w8a8", "linear", "minmax"):
+        if self.backend == "quantize_" and (self.scheme, self.coverage, self.resolved_range_estimator) != \
+                ("w8a8", "linear", "minmax"):
             raise ValueError("backend='quantize_' supports scheme='w8a8', coverage='linear', range_estimator='minmax' "
                              "(torchao's static int8 linear); use backend='pt2e' for other settings")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def resolved_range_estimator(self) -> str:
+        """The estimator used: ``range_estimator`` with ``auto`` resolved for ``scheme``."""
+        return resolve_range_estimator(self.range_estimator, self.scheme)
 
 
 class QuantizedViT(nn.Module):
@@ -211,10 +229,11 @@ def _pt2e_quantizer(config: InvertedPTQConfig):
     weight_bits, act_bits = SCHEMES[config.scheme]
     minmax, clipped = _observer_classes()
     eps = 2 ** -12
-    if config.range_estimator == "minmax":
+    estimator = config.resolved_range_estimator
+    if estimator == "minmax":
         act_observer = minmax.with_args(eps=eps)
     else:
-        act_observer = clipped.with_args(eps=eps, estimator=config.range_estimator, percentile=config.percentile,
+        act_observer = clipped.with_args(eps=eps, estimator=estimator, percentile=config.percentile,
                                          max_samples=config.max_samples)
     activation = QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=2 ** act_bits - 1,
                                   qscheme=torch.per_tensor_affine, is_dynamic=False,

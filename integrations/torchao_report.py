@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from smi_plugin.integrations.torchao import quantize_with_inverted_data
+from smi_plugin.integrations.torchao import quantize_with_inverted_data, resolve_range_estimator
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.batch import balanced_labels
 from smi_plugin.config import InversionConfig
@@ -58,7 +58,7 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
                          sources: Sequence[str] = BUILTIN_SOURCES, schemes: Sequence[str] = ("w8a8", "w4a8"),
                          coverages: Sequence[str] = ("linear",), seeds: Sequence[int] = (0,), num_calibration: int = 32,
                          inversion: InversionConfig | None = None, backend: str = "pt2e",
-                         range_estimator: str | Sequence[str] = "minmax", eval_images: int | None = None,
+                         range_estimator: str | Sequence[str] = "auto", eval_images: int | None = None,
                          progress: bool = True) -> dict[str, Any]:
     """Quantize ``teacher`` once per (source, seed, scheme, coverage, range estimator); evaluate each on
     ``test_split``. Each calibration set is made once and serves every scheme, coverage and estimator."""
@@ -82,7 +82,7 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
                                                      range_estimator=estimator)
                 logits = predict_logits(qmodel, test_split, mean, std)
                 runs.append({"source": source, "seed": seed, "scheme": scheme, "coverage": coverage,
-                             "range_estimator": estimator, "top1": top1_accuracy(logits, test_split.labels),
+                             "range_estimator": resolve_range_estimator(estimator, scheme), "top1": top1_accuracy(logits, test_split.labels),
                              "sqnr_db": sqnr_db(reference, logits), "calibration_seconds": seconds,
                              "kept_fraction": data.kept_fraction})
                 bar.update(1)

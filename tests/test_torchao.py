@@ -69,3 +69,17 @@ def test_bad_input_gets_clear_errors(digits_teacher, digits_calibration):
     wrong = SparseInvertedCalibrationDataset.from_tensors(torch.zeros(2, 3, 32, 32), torch.ones(2, 2, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="patch grid"):
         quantize_with_inverted_data(digits_teacher, wrong)
+
+
+def test_range_estimator_auto_picks_min_max_at_8_bit_activations_and_mse_below():
+    from smi_plugin.integrations.torchao import InvertedPTQConfig
+
+    assert InvertedPTQConfig().range_estimator == "auto"
+    assert InvertedPTQConfig(scheme="w8a8").resolved_range_estimator == "minmax"
+    assert InvertedPTQConfig(scheme="w4a8").resolved_range_estimator == "minmax"
+    assert InvertedPTQConfig(scheme="w8a6").resolved_range_estimator == "mse"
+    assert InvertedPTQConfig(scheme="w4a4", coverage="full").resolved_range_estimator == "mse"
+    assert InvertedPTQConfig(scheme="w4a4", range_estimator="percentile").resolved_range_estimator == "percentile"
+    assert InvertedPTQConfig(backend="quantize_").resolved_range_estimator == "minmax"  # auto is allowed there
+    with pytest.raises(ValueError, match="quantize_"):
+        InvertedPTQConfig(backend="quantize_", range_estimator="mse")
