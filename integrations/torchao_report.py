@@ -81,10 +81,11 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
                 qmodel = quantize_with_inverted_data(teacher, data, scheme, backend=backend, coverage=coverage,
                                                      range_estimator=estimator)
                 logits = predict_logits(qmodel, test_split, mean, std)
+                resolved = resolve_range_estimator(estimator, scheme)
                 runs.append({"source": source, "seed": seed, "scheme": scheme, "coverage": coverage,
-                             "range_estimator": resolve_range_estimator(estimator, scheme), "top1": top1_accuracy(logits, test_split.labels),
-                             "sqnr_db": sqnr_db(reference, logits), "calibration_seconds": seconds,
-                             "kept_fraction": data.kept_fraction})
+                             "range_estimator": resolved if estimator == resolved else f"{estimator} ({resolved})",
+                             "top1": top1_accuracy(logits, test_split.labels), "sqnr_db": sqnr_db(reference, logits),
+                             "calibration_seconds": seconds, "kept_fraction": data.kept_fraction})
                 bar.update(1)
     bar.close()
     return {"fp32_top1": top1_accuracy(reference, test_split.labels), "eval_images": len(test_split),

@@ -274,24 +274,18 @@ def cls_attention_scores(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: in
 
 
 @contextmanager
-def record_cls_attention(model: nn.Module, enabled: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+def record_cls_attention(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Record the last block's head-averaged CLS->patch attention of every forward made inside.
 
     Yields a dict whose ``"scores"`` entry holds the latest detached ``(B, K)`` scores, in the order
-    the patch tokens were given. Setting its ``"active"`` entry to False skips the computation for
-    the forwards that follow (the inverter needs scores only right before a stopping stage). With
-    ``enabled=False`` nothing is hooked at all.
+    the patch tokens were given. The hook exists only inside the context (the inverter enters it for
+    the one forward before each stopping stage, so its other steps carry no hook).
     """
     record: dict[str, torch.Tensor] = {}
-    if not enabled:
-        yield record
-        return
     attn = model.blocks[-1].attn
     prefix = model.num_prefix_tokens
 
     def hook(_module: nn.Module, args: tuple) -> None:
-        if not record.get("active", True):
-            return
         with torch.no_grad():
             record["scores"] = cls_attention_scores(attn, args[0].detach(), prefix)
 
