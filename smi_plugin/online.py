@@ -97,13 +97,10 @@ class OnlinePool:
 
     def _release_emitted(self, slot: _Slot) -> None:
         """Patch Rebirth's detached samples are finished when emitted: they go to the memory at once."""
-        inverter = self.inverter
+        grid, to_pixels = self.inverter.grid, self.inverter.channels.to_pixels
         for _, canvas, positions in slot.state.emitted:
-            mask = indices_to_mask(positions, inverter.grid)
-            self._remember(InvertedBatch(
-                images=inverter.channels.to_pixels(canvas, inverter.grid).detach(), patch_mask=mask,
-                labels=slot.state.labels, kept_indices=kept_indices_for(mask), mean=tuple(inverter.mean),
-                std=tuple(inverter.std), provenance={"source": "online"}))
+            self._remember(self._rows(to_pixels(canvas, grid).detach(), indices_to_mask(positions, grid),
+                                      slot.state.labels, {"source": "online"}))
         slot.state.emitted.clear()
 
     def advance(self, index: int, steps: int) -> InvertedBatch:
@@ -147,13 +144,14 @@ class OnlinePool:
         return current if self.memory is None else InvertedBatch.concatenate([self.memory, current])
 
     def _batch(self, slots: list[_Slot]) -> InvertedBatch:
-        inverter = self.inverter
-        images = torch.cat([s.images for s in slots])
-        mask = torch.cat([s.mask for s in slots])
-        return InvertedBatch(images=images, patch_mask=mask, labels=torch.cat([s.state.labels for s in slots]),
-                             kept_indices=kept_indices_for(mask),
-                             mean=tuple(inverter.mean), std=tuple(inverter.std),
-                             provenance={"source": "online", "ages": [s.age for s in slots]})
+        return self._rows(torch.cat([s.images for s in slots]), torch.cat([s.mask for s in slots]),
+                          torch.cat([s.state.labels for s in slots]),
+                          {"source": "online", "ages": [s.age for s in slots]})
+
+    def _rows(self, images: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+              provenance: dict) -> InvertedBatch:
+        return InvertedBatch(images=images, patch_mask=mask, labels=labels, kept_indices=kept_indices_for(mask),
+                             mean=tuple(self.inverter.mean), std=tuple(self.inverter.std), provenance=provenance)
 
     def state_dict(self) -> dict:
         """Picklable state (inverter states with their Adam moments and generators)."""
