@@ -46,8 +46,11 @@ def roll_flip_patches(kept: torch.Tensor, patches: torch.Tensor, grid: PatchGrid
     if flip:
         flipped = (torch.rand(b, generator=generator) < 0.5).to(kept.device, non_blocking=True)
         cols = torch.where(flipped[:, None], gw - 1 - cols, cols)
-        shaped = patches.reshape(b, patches.shape[1], -1, ph, pw)
-        patches = torch.where(flipped.view(b, 1, 1, 1, 1), shaped.flip(-1), shaped).reshape(patches.shape)
+        # Mirroring a patch permutes its values: one gather per step (a flip then a select would take
+        # two passes forward and three backward).
+        within = torch.arange(patches.shape[-1], device=kept.device).view(-1, ph, pw)
+        order = torch.where(flipped.view(b, 1, 1, 1), within.flip(-1), within).view(b, 1, -1)
+        patches = patches.gather(2, order.expand(-1, patches.shape[1], -1))
     return rows * gw + cols, patches
 
 

@@ -39,7 +39,7 @@ from .augment import random_resized_crop_cells, roll_flip_patches
 from .batch import InvertedBatch
 from .config import InversionConfig
 from .images import frozen, model_normalization
-from .losses import BASE_METHODS, ImagePriors, jensen_shannon, loss_floats
+from .losses import BASE_METHODS, jensen_shannon, loss_floats
 from .optim import lr_at, set_lr, shrink_rows
 from .pixels import ChannelMap
 from .priors import RetainedPixelPriors
@@ -121,7 +121,7 @@ class InversionState:
     param: torch.Tensor
     optimizer: torch.optim.Optimizer
     positions: tuple[torch.Tensor, torch.Tensor]
-    priors: RetainedPixelPriors | None = None  # None while every patch is retained
+    priors: RetainedPixelPriors | None = None  # None when the base method has no pixel prior
     emitted: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     scores: torch.Tensor | None = None  # (B, K) CLS attention recorded by the latest scoring step
 
@@ -231,7 +231,9 @@ class SparseInverter:
         return batch
 
     def _optimizer(self, param: torch.Tensor) -> torch.optim.Adam:
-        return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas)
+        # The fused kernel updates the parameter and both moments in one pass (CPU and CUDA).
+        fused = param.device.type in ("cpu", "cuda")
+        return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas, fused=fused)
 
     def start(self, labels: torch.Tensor, seed: int) -> InversionState:
         """Fresh state for one batch: Gaussian noise in normalized space, every patch retained."""
@@ -243,7 +245,13 @@ class SparseInverter:
         param = canvas.clone().requires_grad_(True)
         return InversionState(labels=labels, generator=generator, canvas=canvas, kept=kept, param=param,
                               optimizer=self._optimizer(param),
-                              positions=position_tokens(self.model, grid, self.dtype))
+                              positions=position_tokens(self.model, grid, self.dtype),
+                              priors=self._plan_priors(canvas, kept))
+
+    def _plan_priors(self, canvas: torch.Tensor, kept: torch.Tensor) -> RetainedPixelPriors | None:
+        if not self.method.needs_images():
+            return None
+        return RetainedPixelPriors.plan(canvas, kept, self.grid, self.channels.param_channels)
 
     def state_at_stage(self, labels: Sequence[int] | torch.Tensor, seed: int, stage: int) -> InversionState:
         """A fresh state taken through the first ``stage`` planned stops, with random scores.
@@ -273,8 +281,7 @@ class SparseInverter:
             state.emitted.append((stage.iteration, state.canvas.clone(), removed))
         state.param, state.optimizer = shrink_rows(state.param, state.optimizer, survivors, self._optimizer)
         state.kept = state.kept.gather(1, survivors)
-        if self.method.needs_images():
-            state.priors = RetainedPixelPriors.plan(state.canvas, state.kept, self.grid, self.channels.param_channels)
+        state.priors = self._plan_priors(state.canvas, state.kept)
 
     def step(self, state: InversionState, iteration: int,
              scoring: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -317,14 +324,10 @@ class SparseInverter:
                    labels: torch.Tensor, position_cache: tuple[torch.Tensor, torch.Tensor],
                    priors: RetainedPixelPriors | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, logits, parts)`` of one step: the base method's loss on the logits of ``patches`` at
-        ``positions`` and on the image (``param`` is every patch while ``priors`` is None), plus the
-        competition term. Tensors in, tensors out: the part ``compile_step`` compiles."""
+        ``positions`` and on the whole image (``priors`` bound to ``param``), plus the competition
+        term. Tensors in, tensors out: the part ``compile_step`` compiles."""
         logits = forward_patches(self.model, self.grid, patches, positions, position_cache)
-        # While every patch is retained, param is the whole image (kept is 0..N-1 in order).
-        image_priors = None
-        if self.method.needs_images():
-            image_priors = (ImagePriors(patches_to_images(param, self.grid, self.channels.param_channels))
-                            if priors is None else priors.bind(param))
+        image_priors = None if priors is None else priors.bind(param, with_abs=self.config.tv_l1_weight > 0)
         loss, parts = self.method.loss(logits, labels, image_priors)
         if self.config.competition_weight > 0 and self.competitor is not None:
             divergence = jensen_shannon(forward_patches(self.competitor, self.grid, patches, positions), logits)

@@ -87,23 +87,18 @@ def input_statistics(images: torch.Tensor) -> torch.Tensor:
                            images[:, 0].numel())
 
 
-class ImagePriors:
-    """The pixel priors of full images (``smi_plugin.priors`` computes the same from retained pixels)."""
+class PixelPriors(Protocol):
+    """The whole image's pixel priors as a base method reads them. ``smi_plugin.priors.BoundPriors``
+    computes them from the retained pixels; they equal ``tv_l2``, ``tv_l1``, ``image_l2`` and
+    ``input_statistics`` of the full images."""
 
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
+    def tv_l2(self) -> torch.Tensor: ...
 
-    def tv_l2(self) -> torch.Tensor:
-        return tv_l2(self.images)
+    def tv_l1(self) -> torch.Tensor: ...
 
-    def tv_l1(self) -> torch.Tensor:
-        return tv_l1(self.images)
+    def l2(self) -> torch.Tensor: ...
 
-    def l2(self) -> torch.Tensor:
-        return image_l2(self.images)
-
-    def input_stats(self) -> torch.Tensor:
-        return input_statistics(self.images)
+    def input_stats(self) -> torch.Tensor: ...
 
 
 @register_base_method("deepinversion")
@@ -122,13 +117,13 @@ class DeepInversion:
         return nullcontext()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor,
-             priors: "ImagePriors | None") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             priors: PixelPriors | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted total loss and its unweighted components (for logging).
 
-        ``priors`` gives the whole image's TV and l2 (``ImagePriors`` or the retained-pixel
-        equivalent). Only terms with a non-zero weight are computed. The components are detached
-        0-dim tensors, never Python floats: converting them would wait for the device every
-        iteration, so callers convert only when they log (``loss_floats``).
+        ``priors`` gives the whole image's TV, l2 and input statistics. Only terms with a non-zero
+        weight are computed. The components are detached 0-dim tensors, never Python floats:
+        converting them would wait for the device every iteration, so callers convert only when
+        they log (``loss_floats``).
         """
         cfg = self.config
         ce = F.cross_entropy(logits, labels)

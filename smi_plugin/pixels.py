@@ -61,9 +61,7 @@ class ChannelMap:
     def clamp_(self, param: torch.Tensor) -> None:
         """Clamp optimised patches ``(B, K, Cp*p*p)`` in place to the valid pixel range."""
         with torch.no_grad():
-            shaped = param.view(param.shape[0], param.shape[1], self.param_channels, -1)
-            torch.maximum(shaped, self.low, out=shaped)
-            torch.minimum(shaped, self.high, out=shaped)
+            param.view(param.shape[0], param.shape[1], self.param_channels, -1).clamp_(self.low, self.high)
 
     def to_pixels(self, patches: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
         """Every patch ``(B, N, Cp*p*p)`` -> detached ``(B, C, H, W)`` pixels in ``[0, 1]``."""

@@ -26,7 +26,11 @@ def test_benchmark_record_on_a_small_vit(tmp_path, monkeypatch):
     for key in ("whole_run_speedup", "final_stage_speedup", "final_stage_flop_ratio", "reference_dense_speedup",
                 "public_whole_run_speedup", "public_final_stage_speedup"):
         assert record[key] > 0
-    assert set(record["public_seconds"]) == {"dense", "whole_run", "final_stage"}
+    public = record["public_seconds"]
+    assert set(public) == {"dense", "whole_run", "final_stage", "dense_half", "final_stage_half",
+                           "dense_per_iteration", "final_stage_per_iteration"}
+    # Per-iteration figures are the difference between the 20- and 10-iteration runs, per extra iteration.
+    assert public["final_stage_per_iteration"] == pytest.approx((public["final_stage"] - public["final_stage_half"]) / 10)
     # Hand count for one block's forward on N tokens of width d: 24*N*d^2 in the linear layers (qkv, proj,
     # a 4x MLP) plus 4*N^2*d in the two attention matmuls. Backward scales both alike, and the patch
     # embedding, head and priors are small, so the dense/sparse ratio follows from N = 197 vs 47.
