@@ -57,7 +57,8 @@ def calibration_set(model: torch.nn.Module, name: str, images: int, iterations: 
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from smi_plugin.integrations.deploy import FrozenCompiled, compile_quantized, export_quantized, timed_calls
+    from smi_plugin.integrations.deploy import (FrozenCompiled, compile_quantized, export_quantized, timed_calls,
+                                                write_program)
     from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
     from smi_plugin.integrations.torchao import quantize_with_inverted_data
 
@@ -69,7 +70,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     files = {"fp32 state dict": workdir / f"{name}.pt", "model.pt2": workdir / f"{name}.pt2",
              "onnx fp32": workdir / f"{name}.onnx", "onnx int8": workdir / f"{name}.int8.onnx"}
     torch.save(model.state_dict(), files["fp32 state dict"])
-    torch.export.save(program, files["model.pt2"])
+    write_program(program, files["model.pt2"])
     variants: dict[str, Callable] = {"fp32 eager": model, "fp32 compiled": FrozenCompiled(model),
                                      "int8 compiled": compile_quantized(program)}
     if not args.skip_ort:

@@ -142,10 +142,14 @@ def position_tokens(model: nn.Module, grid: PatchGrid, dtype: torch.dtype) -> tu
     return tokens[:, :grid.num_prefix_tokens], tokens[:, grid.num_prefix_tokens:]
 
 
-def embed_patches(model: nn.Module, patches: torch.Tensor) -> torch.Tensor:
-    """Patch embedding of ``(B, K, C*p*p)`` patches -> ``(B, K, D)``: the conv as a matmul, then its norm."""
+def embed_patches(model: nn.Module, patches: torch.Tensor, projection: nn.Module | None = None) -> torch.Tensor:
+    """Patch embedding of ``(B, K, C*p*p)`` patches -> ``(B, K, D)``: the conv as a matmul, then its norm.
+
+    ``projection``: the conv as an ``nn.Linear`` on flattened patches, when the caller holds one
+    (``PatchLevelViT`` does); by default the conv's weight is used as a matrix directly.
+    """
     proj = model.patch_embed.proj
-    tokens = F.linear(patches, proj.weight.flatten(1), proj.bias)
+    tokens = F.linear(patches, proj.weight.flatten(1), proj.bias) if projection is None else projection(patches)
     return model.patch_embed.norm(tokens)
 
 
@@ -159,14 +163,16 @@ def forward_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def forward_patches(model: nn.Module, grid: PatchGrid, patches: torch.Tensor, positions: torch.Tensor,
-                    position_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    position_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    projection: nn.Module | None = None) -> torch.Tensor:
     """Logits of ``model`` on ``patches`` ``(B, K, C*p*p)`` placed at grid ``positions`` ``(B, K)``.
 
     ``positions`` need not be sorted nor be the patches' original places: the inverter uses them to
-    express whole-patch rolls and flips without touching the full image.
+    express whole-patch rolls and flips without touching the full image. ``projection``: see
+    ``embed_patches``.
     """
     prefix, patch_pos = position_cache or position_tokens(model, grid, patches.dtype)
-    tokens = embed_patches(model, patches)
+    tokens = embed_patches(model, patches, projection)
     pos = patch_pos.expand(tokens.shape[0], -1, -1).gather(1, positions.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     tokens = torch.cat([prefix.expand(tokens.shape[0], -1, -1), tokens + pos], dim=1)
     return forward_tokens(model, tokens)
@@ -177,7 +183,10 @@ class PatchLevelViT(nn.Module):
 
     A thin module over ``forward_patches`` (the form exporters, quantizers and calibration hooks
     trace). It shares ``model``'s parameters, so a toolkit that instruments its submodules
-    instruments the model itself.
+    instruments the model itself. The patch-embedding conv is also held as ``patch_projection``, an
+    ``nn.Linear`` on flattened patches whose weight is a view of the conv's (same storage) and whose
+    bias is the conv's, so traced graphs see a linear layer like every other, which quantizers
+    lower to an int8 matmul.
     """
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int] | None = None) -> None:
@@ -185,9 +194,14 @@ class PatchLevelViT(nn.Module):
         check_vit(model)
         self.model = model
         self.grid: PatchGrid = patch_grid(model, image_size)
+        proj = model.patch_embed.proj
+        self.patch_projection = nn.Linear(self.grid.patch_dim, proj.out_channels, bias=proj.bias is not None,
+                                          device="meta")
+        self.patch_projection.weight = nn.Parameter(proj.weight.detach().flatten(1), requires_grad=False)
+        self.patch_projection.bias = proj.bias
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return forward_patches(self.model, self.grid, patches, positions)
+        return forward_patches(self.model, self.grid, patches, positions, projection=self.patch_projection)
 
 
 def forward_kept_tokens(model: nn.Module, pixel_values: torch.Tensor,
