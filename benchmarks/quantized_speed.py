@@ -62,6 +62,9 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
     from smi_plugin.integrations.torchao import quantize_with_inverted_data
 
+    # Each model's compiled FP32 forward is VisionTransformer.forward again: without a reset, dynamo's
+    # per-code recompile limit is reached after a few models and batch sizes and it silently runs eager.
+    torch._dynamo.reset()
     model = build_model(name)
     data = calibration_set(model, name, args.calibration_images, args.iterations)
     started = time.perf_counter()

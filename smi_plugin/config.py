@@ -132,6 +132,10 @@ class InversionConfig(ConfigBase):
                                             "(--base-method psaq)")
     competition_weight: float = option(0.0, "DeepInversion's adaptive competition: weight of 1 - JS(student, "
                                        "teacher), pushing images to where a student disagrees; 0 disables it")
+    soft_targets: float = option(0.0, "ZSKD's Dirichlet soft targets: each image is inverted towards a class "
+                                 "distribution drawn from Dir(SCALE * similarity of its class to every class, read "
+                                 "from the teacher's head weights) instead of its one-hot label; 0 keeps one-hot "
+                                 "labels", metavar="SCALE")
     augment: str = option("patch", "patch: whole-patch roll and flip (exact, free); pixel: random resized "
                           "crops and flips of the whole image", choices=AUGMENTATIONS)
     jitter: float = option(0.125, "largest roll, as a fraction of the image side (--augment patch)")
@@ -171,7 +175,7 @@ class InversionConfig(ConfigBase):
         check_choice(self, "base_method", sorted(BASE_METHODS))
         check_choice(self, "selection", sorted(SELECTION_POLICIES))
         for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "input_stats_weight",
-                     "patch_similarity_weight", "competition_weight"):
+                     "patch_similarity_weight", "competition_weight", "soft_targets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self, "augment", AUGMENTATIONS)

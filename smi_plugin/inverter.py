@@ -39,7 +39,7 @@ from .augment import random_resized_crop_cells, roll_flip_patches
 from .batch import InvertedBatch
 from .config import InversionConfig
 from .images import frozen, model_normalization
-from .losses import BASE_METHODS, jensen_shannon, loss_floats
+from .losses import BASE_METHODS, class_similarity, dirichlet_targets, jensen_shannon, loss_floats
 from .optim import lr_at, set_lr, shrink_rows
 from .pixels import ChannelMap
 from .priors import RetainedPixelPriors
@@ -124,6 +124,7 @@ class InversionState:
     priors: RetainedPixelPriors | None = None  # None when the base method has no pixel prior
     emitted: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     scores: torch.Tensor | None = None  # (B, K) CLS attention recorded by the latest scoring step
+    targets: torch.Tensor | None = None  # (B, C) soft targets the loss aims at (None: the labels)
 
     def current_patches(self) -> torch.Tensor:
         """All patches at their current values (retained ones from ``param``), detached."""
@@ -186,6 +187,14 @@ class SparseInverter:
         if not self.dtype.is_floating_point:
             raise TypeError(f"the model's parameters are {self.dtype}; inversion needs a floating-point model")
         self.channels = ChannelMap.build(self.mean, self.std, self.config.tie_channels, self.device, self.dtype)
+        self.class_similarity = None
+        if self.config.soft_targets > 0:
+            head = model.get_classifier()
+            head = head[0] if isinstance(head, tuple) else head
+            if not isinstance(getattr(head, "weight", None), torch.Tensor) or head.weight.dim() != 2:
+                raise ValueError("soft_targets reads class similarity from a linear classifier head; this model has "
+                                 "none (set soft_targets=0)")
+            self.class_similarity = class_similarity(head.weight).cpu()
         self._objective_step = self._objective
         if self.config.compile_step:
             if self.config.base_method == "psaq":  # its loss reads features its hooks collect on the side
@@ -243,10 +252,13 @@ class SparseInverter:
         canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
         kept = torch.arange(grid.num_patches, device=self.device).expand(labels.numel(), -1).contiguous()
         param = canvas.clone().requires_grad_(True)
+        targets = None
+        if self.class_similarity is not None:
+            targets = dirichlet_targets(labels, self.class_similarity, self.config.soft_targets, generator)
         return InversionState(labels=labels, generator=generator, canvas=canvas, kept=kept, param=param,
                               optimizer=self._optimizer(param),
                               positions=position_tokens(self.model, grid, self.dtype),
-                              priors=self._plan_priors(canvas, kept))
+                              priors=self._plan_priors(canvas, kept), targets=targets)
 
     def _plan_priors(self, canvas: torch.Tensor, kept: torch.Tensor) -> RetainedPixelPriors | None:
         if not self.method.needs_images():
@@ -295,7 +307,8 @@ class SparseInverter:
         cfg = self.config
         set_lr(state.optimizer, lr_at(cfg.lr_schedule, cfg.lr, iteration, cfg.iterations, cfg.warmup_iterations))
         positions, patches = self._augmented(state, scoring)
-        inputs = (state.param, patches, positions, state.labels, state.positions, state.priors)
+        targets = state.labels if state.targets is None else state.targets
+        inputs = (state.param, patches, positions, targets, state.positions, state.priors)
         if scoring and self.policy.needs_scores:
             with record_cls_attention(self.model) as attention:
                 loss, logits, parts = self._objective(*inputs)

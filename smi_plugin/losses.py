@@ -120,6 +120,8 @@ class DeepInversion:
              priors: PixelPriors | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted total loss and its unweighted components (for logging).
 
+        ``labels``: class indices ``(B,)``, or class probabilities ``(B, C)`` (soft targets).
+
         ``priors`` gives the whole image's TV, l2 and input statistics. Only terms with a non-zero
         weight are computed. The components are detached 0-dim tensors, never Python floats:
         converting them would wait for the device every iteration, so callers convert only when
@@ -140,6 +142,34 @@ class DeepInversion:
         """Whether ``loss`` needs the full image (only the pixel-space priors do)."""
         cfg = self.config
         return max(cfg.tv_l2_weight, cfg.tv_l1_weight, cfg.l2_weight, cfg.input_stats_weight) > 0
+
+
+def class_similarity(head_weight: torch.Tensor) -> torch.Tensor:
+    """ZSKD's class similarity ``(C, C)``: cosine similarity of the classifier's weight vectors, each
+    row min-max scaled to ``[0, 1]`` (a class is most similar to itself)."""
+    unit = F.normalize(head_weight.detach().float(), dim=1)
+    similarity = unit @ unit.t()
+    low, high = similarity.min(1, keepdim=True).values, similarity.max(1, keepdim=True).values
+    return (similarity - low) / (high - low).clamp_min(1e-12)
+
+
+def dirichlet_targets(labels: torch.Tensor, similarity: torch.Tensor, scale: float,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Soft targets ``(B, C)``: row ``i`` drawn from ``Dir(scale * similarity[labels[i]])`` (ZSKD), with
+    the label's class made the most likely; reproducible from ``generator``."""
+    concentration = (scale * similarity[labels.cpu()]).clamp_min(1e-3)
+    seed = int(torch.randint(1 << 62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):  # gamma sampling takes no generator
+        torch.manual_seed(seed)
+        draws = torch._standard_gamma(concentration)
+    targets = draws / draws.sum(1, keepdim=True)
+    # The drawn maximum goes to the label's class, so the sample still stands for its label.
+    rows = torch.arange(len(labels))
+    top = targets.argmax(1)
+    swapped = targets.clone()
+    swapped[rows, labels.cpu()] = targets[rows, top]
+    swapped[rows, top] = targets[rows, labels.cpu()]
+    return swapped.to(labels.device)
 
 
 def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:

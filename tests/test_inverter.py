@@ -243,3 +243,26 @@ def test_check_labels_is_public():
     assert check_labels([1, 2], 3, "cpu").tolist() == [1, 2]
     with pytest.raises(ValueError, match="outside"):
         check_labels([3], 3, "cpu")
+
+
+def test_soft_targets_follow_the_head_similarity_and_keep_the_label_on_top(tiny_vit):
+    from smi_plugin.losses import class_similarity, dirichlet_targets
+
+    weight = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0]])
+    similarity = class_similarity(weight)
+    # Class 0 is closest to class 1 (cosine 0.99) and furthest from class 2 (cosine -1): scaled to [0, 1].
+    assert similarity[0, 0] == 1 and similarity[0, 2] == 0 and 0.99 < similarity[0, 1] < 1
+    labels = torch.tensor([0, 1, 2] * 50)
+    targets = dirichlet_targets(labels, similarity, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(targets.sum(1), torch.ones(150)) and bool((targets.argmax(1) == labels).all())
+    # Class 2 resembles no other class: its draws put almost nothing on the others on average.
+    assert targets[labels == 0][:, 1].mean() > targets[labels == 0][:, 2].mean()
+    again = dirichlet_targets(labels, similarity, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(targets, again)
+
+    config = InversionConfig(iterations=30, batch_size=4, schedule="10:0.5", soft_targets=1.0, seed=1)
+    inverter = SparseInverter(tiny_vit, config, progress=False)
+    state = inverter.start(torch.tensor([0, 1, 2, 3]), seed=5)
+    assert state.targets.shape == (4, tiny_vit.num_classes)
+    batch = inverter.invert([0, 1, 2, 3])
+    assert batch.labels.tolist() == [0, 1, 2, 3] and torch.isfinite(batch.images).all()

@@ -70,8 +70,9 @@ def load_teacher_from_args(args: argparse.Namespace):
     return teacher
 
 
-def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--preset``, ``--config FILE`` and one flag per ``InversionConfig`` field."""
+def add_inversion_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """``--preset``, ``--config FILE`` and one flag per ``InversionConfig`` field; ``defaults`` are the
+    command's own (what ``inversion_config`` is given), shown in ``--help`` in place of the library's."""
     group = parser.add_argument_group("inversion presets")
     group.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="named recipe the flags below override: default (the paper's method, stages scaled "
@@ -81,7 +82,8 @@ def add_inversion_arguments(parser: argparse.ArgumentParser) -> None:
                        help="YAML or JSON file whose keys are InversionConfig fields (default: none)")
     # --mean/--std belong to the teacher (add_teacher_arguments): stored in its pretrained_cfg they
     # reach inversion, calibration and evaluation alike; config_from_args still copies them over.
-    add_config_arguments(parser, InversionConfig, "inversion (InversionConfig)", skip=("mean", "std"))
+    add_config_arguments(parser, InversionConfig, "inversion (InversionConfig)", defaults=defaults,
+                         skip=("mean", "std"))
 
 
 def inversion_config(args: argparse.Namespace, teacher=None, **defaults: Any) -> InversionConfig:

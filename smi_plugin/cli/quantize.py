@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "it on real held-out images and save DIR/model.pt2 + DIR/card.json. "
                                         "--compare instead compares calibration sources in a table.")
     add_teacher_arguments(parser)
-    add_inversion_arguments(parser)
+    add_inversion_arguments(parser, CALIBRATION_INVERSION)
     group = parser.add_argument_group("quantization")
     group.add_argument("--out", default=None, help="output directory for model.pt2 and card.json "
                        "(default: outputs/quantized/TEACHER-SCHEME)")
