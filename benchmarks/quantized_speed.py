@@ -6,8 +6,9 @@ Runtime int8 (QDQ, per-channel weights, calibrated on the same retained tokens).
 median over ``--repeats`` timed calls after ``--warmup`` calls (the first call compiles), per batch
 size. Sizes: FP32 ``torch.save`` state dict, ``model.pt2``, the two ONNX files.
 
-Models: the zoo teachers (calibrated on sparsely inverted images) and random-weight timm DeiTs at
-224 (calibrated on Gaussian noise: speed and size only, their accuracy means nothing).
+Models: the zoo teachers (calibrated on sparsely inverted images, timed and judged on their real
+held-out images: logit SQNR and top-1 agreement with FP32) and random-weight timm DeiTs at 224
+(calibrated on and fed Gaussian noise: speed and size only, their accuracy means nothing).
 Run it alone on a quiet machine:
 
     OMP_NUM_THREADS=2 python benchmarks/quantized_speed.py --json quantized_speed.json
@@ -32,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher  # noqa: E402
 from smi_plugin.calibration import SparseInvertedCalibrationDataset  # noqa: E402
+from smi_plugin.data import load_split  # noqa: E402
 from smi_plugin.evaluation import sqnr_db  # noqa: E402
-from smi_plugin.zoo import zoo_names  # noqa: E402
+from smi_plugin.images import model_normalization  # noqa: E402
+from smi_plugin.zoo import load_card, zoo_names  # noqa: E402
 
 DEFAULT_MODELS = "digits-vit,fashion-mnist-vit,deit_tiny_patch16_224,deit_small_patch16_224"
 VARIANTS = ("fp32 eager", "fp32 compiled", "int8 compiled", "ort fp32", "ort int8")
@@ -54,6 +57,16 @@ def calibration_set(model: torch.nn.Module, name: str, images: int, iterations: 
                                  schedule=StoppingSchedule.paper_scaled(iterations), tie_channels=True)
         return SparseInvertedCalibrationDataset.from_inverter(model, images, config, progress=False)
     return SparseInvertedCalibrationDataset.gaussian(model, images)
+
+
+def benchmark_inputs(model: torch.nn.Module, name: str, batch: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
+    """A zoo teacher's first ``batch`` real held-out images, normalized (cycled if the split is smaller);
+    Gaussian noise for random-weight models, whose calibration was noise too."""
+    if name in zoo_names():
+        split = load_split(load_card(name)["dataset"], "test")
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in model_normalization(model))
+        return (split.images(torch.arange(batch) % len(split)) - mean) / std, "real held-out"
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)), "gaussian"
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -86,16 +99,16 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
                               "calibration": data.source, "calibration_images": len(data),
                               "sizes_bytes": {k: p.stat().st_size for k, p in files.items() if p.exists()},
                               "latency": {}}
-    generator = torch.Generator().manual_seed(0)
     for batch in batches:
-        inputs = torch.randn(batch, *shape, generator=generator)
+        inputs, result["inputs"] = benchmark_inputs(model, name, batch, shape)
         with torch.no_grad():
             reference = model(inputs)
         rows = {}
         for variant, forward in variants.items():
             timing, out = timed_calls(forward, inputs, args.repeats, args.warmup)
             rows[variant] = {**timing, "ms_per_image": 1000 * timing["median_s"] / batch,
-                             "sqnr_db_vs_fp32": sqnr_db(reference, out.float())}
+                             "sqnr_db_vs_fp32": sqnr_db(reference, out.float()),
+                             "agreement_vs_fp32": (out.argmax(1) == reference.argmax(1)).float().mean().item()}
         result["latency"][str(batch)] = rows
     return result
 
@@ -115,6 +128,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
                                     for v in header[1:]])
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+        batch, rows = list(result["latency"].items())[-1]
+        lines.append(f"  vs FP32 at batch {batch} ({result['inputs']} inputs): " + ", ".join(
+            f"{v} {rows[v]['sqnr_db_vs_fp32']:.1f} dB SQNR / {100 * rows[v]['agreement_vs_fp32']:.0f}% top-1 agreement"
+            for v in ("int8 compiled", "ort int8") if v in rows))
     lines.append("latency: median per batch (speed-up over FP32 eager); noisy unless the machine is quiet")
     return "\n".join(lines)
 
