@@ -8,7 +8,7 @@ Everything is measured within one run as ratios. Per model and batch size:
 * the projected whole run (``iterations`` steps, the schedule's stage lengths) and dense/sparse ratio;
 * the public API end to end (``SparseInverter(...).invert(labels)``, default logging): dense against the
   schedule scaled to ``public_iterations`` (whole run), and the cost of one more iteration at the final
-  kept count against one more dense iteration (runs of ``public_iterations`` and twice that, every stop
+  kept count against one more dense iteration (runs of ``public_iterations`` and half that, every stop
   in the first iterations), so the step timing cannot drift from what users get;
 * FLOPs per iteration (torch's ``FlopCounterMode``, with torch's SDPA formulas registered for the
   CPU flash-attention ops it does not cover);
@@ -81,6 +81,12 @@ class BenchConfig:
     memory: bool = True
     flops: bool = True
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.public_iterations and self.public_iterations < 20:
+            # Per-iteration costs are differences between runs of n and n/2 iterations after n/2 >= stops + 1.
+            raise ValueError(f"public_iterations={self.public_iterations} is too short to time per iteration: "
+                             "give at least 20 (or 0 to skip the public-API runs)")
 
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchConfig":
@@ -498,7 +504,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(prog="smi bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        config_from_args(args)  # a bad setting is one line, before any model is built
+    except ValueError as err:
+        parser.error(str(err))
+    run_from_args(args)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smi_plugin import InversionConfig, StoppingSchedule, load_teacher  # noqa: E402
 from smi_plugin.calibration import SparseInvertedCalibrationDataset  # noqa: E402
-from smi_plugin.data import load_split  # noqa: E402
+from smi_plugin.data import ImageSplit, load_split  # noqa: E402
 from smi_plugin.evaluation import sqnr_db  # noqa: E402
-from smi_plugin.images import model_normalization  # noqa: E402
+from smi_plugin.images import model_normalization, normalize  # noqa: E402
 from smi_plugin.zoo import load_card, zoo_names  # noqa: E402
 
 DEFAULT_MODELS = "digits-vit,fashion-mnist-vit,deit_tiny_patch16_224,deit_small_patch16_224"
@@ -59,14 +59,14 @@ def calibration_set(model: torch.nn.Module, name: str, images: int, iterations: 
     return SparseInvertedCalibrationDataset.gaussian(model, images)
 
 
-def benchmark_inputs(model: torch.nn.Module, name: str, batch: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, str]:
-    """A zoo teacher's first ``batch`` real held-out images, normalized (cycled if the split is smaller);
-    Gaussian noise for random-weight models, whose calibration was noise too."""
-    if name in zoo_names():
-        split = load_split(load_card(name)["dataset"], "test")
-        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in model_normalization(model))
-        return (split.images(torch.arange(batch) % len(split)) - mean) / std, "real held-out"
-    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch)), "gaussian"
+def benchmark_inputs(model: torch.nn.Module, split: ImageSplit | None, batch: int,
+                     shape: tuple[int, ...]) -> torch.Tensor:
+    """The first ``batch`` images of ``split`` (a zoo teacher's real held-out set), normalized and
+    cycled if the split is smaller; Gaussian noise without one (random-weight models, whose
+    calibration was noise too)."""
+    if split is None:
+        return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+    return normalize(split.images(torch.arange(batch) % len(split)), *model_normalization(model))
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -99,8 +99,10 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
                               "calibration": data.source, "calibration_images": len(data),
                               "sizes_bytes": {k: p.stat().st_size for k, p in files.items() if p.exists()},
                               "latency": {}}
+    split = load_split(load_card(name)["dataset"], "test") if name in zoo_names() else None
+    result["inputs"] = "gaussian" if split is None else "real held-out"
     for batch in batches:
-        inputs, result["inputs"] = benchmark_inputs(model, name, batch, shape)
+        inputs = benchmark_inputs(model, split, batch, shape)
         with torch.no_grad():
             reference = model(inputs)
         rows = {}

@@ -181,16 +181,15 @@ def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike
     weights) and shrinks about tenfold; tensor records stay stored, as ``torch.export.save`` writes them.
     """
     path = Path(path)
-    raw = path.with_name(path.name + ".raw")
-    try:
+    with tempfile.TemporaryDirectory(dir=path.parent) as staging:
+        raw = Path(staging) / path.name  # records are named after the archive's stem: keep the final name
         torch.export.save(program, raw)
         with zipfile.ZipFile(raw) as source, zipfile.ZipFile(path, "w") as target:
             for info in source.infolist():
                 tensor = "/data/weights/" in info.filename or "/data/constants/" in info.filename
-                target.writestr(info.filename, source.read(info.filename),
-                                compress_type=zipfile.ZIP_STORED if tensor else zipfile.ZIP_DEFLATED)
-    finally:
-        raw.unlink(missing_ok=True)
+                record = zipfile.ZipInfo(info.filename, info.date_time)  # torch's timestamps: same program, same bytes
+                record.compress_type = zipfile.ZIP_STORED if tensor else zipfile.ZIP_DEFLATED
+                target.writestr(record, source.read(info.filename))
 
 
 def check_output_directory(directory: str | os.PathLike) -> None:

@@ -19,8 +19,9 @@ functions elsewhere; this class only wires them together (the style of timm's ``
   previous iteration (only the CLS row is computed, and only on iterations right before a stage;
   the recording hook exists only during those forwards, so the other steps can be compiled).
   Tokens keep the retained patches' order under augmentation, so scores need no remapping.
-* The pixel priors (TV, l2) are computed on the whole image (retained patches scattered into the
-  canvas), so their values match the dense definition; gradients reach retained pixels only.
+* The pixel priors (TV, l2, input statistics) are those of the whole image, from the retained pixels
+  plus constants planned at each stop (``priors.RetainedPixelPriors``), so their values match the
+  dense definition; gradients reach retained pixels only.
 * No host sync per iteration: loss parts stay tensors and become floats only on logging iterations.
 """
 
@@ -199,7 +200,7 @@ class SparseInverter:
         if self.config.compile_step:
             if self.config.base_method == "psaq":  # its loss reads features its hooks collect on the side
                 raise ValueError("compile_step does not take base_method='psaq'; set compile_step=False")
-            # Shapes that change (kept count, border pixels of a stage) become dynamic after their first
+            # Shapes that change (kept count, crossing pairs of a stage) become dynamic after their first
             # change, so a run compiles a handful of graphs and reuses them across stages and batches.
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._objective_step = torch.compile(self._objective, mode=mode)
@@ -254,7 +255,8 @@ class SparseInverter:
         param = canvas.clone().requires_grad_(True)
         targets = None
         if self.class_similarity is not None:
-            targets = dirichlet_targets(labels, self.class_similarity, self.config.soft_targets, generator)
+            targets = dirichlet_targets(labels, self.class_similarity, self.config.soft_targets, generator,
+                                        self.dtype)
         return InversionState(labels=labels, generator=generator, canvas=canvas, kept=kept, param=param,
                               optimizer=self._optimizer(param),
                               positions=position_tokens(self.model, grid, self.dtype),

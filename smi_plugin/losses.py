@@ -154,22 +154,24 @@ def class_similarity(head_weight: torch.Tensor) -> torch.Tensor:
 
 
 def dirichlet_targets(labels: torch.Tensor, similarity: torch.Tensor, scale: float,
-                      generator: torch.Generator) -> torch.Tensor:
-    """Soft targets ``(B, C)``: row ``i`` drawn from ``Dir(scale * similarity[labels[i]])`` (ZSKD), with
-    the label's class made the most likely; reproducible from ``generator``."""
-    concentration = (scale * similarity[labels.cpu()]).clamp_min(1e-3)
+                      generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Soft targets ``(B, C)`` of ``dtype`` on ``labels``' device: row ``i`` drawn from
+    ``Dir(scale * similarity[labels[i]])`` (ZSKD), with the label's class made the most likely;
+    reproducible from ``generator``."""
+    classes = labels.cpu()
+    concentration = (scale * similarity[classes]).clamp_min(1e-3)
     seed = int(torch.randint(1 << 62, (1,), generator=generator))
     with torch.random.fork_rng(devices=[]):  # gamma sampling takes no generator
         torch.manual_seed(seed)
         draws = torch._standard_gamma(concentration)
     targets = draws / draws.sum(1, keepdim=True)
     # The drawn maximum goes to the label's class, so the sample still stands for its label.
-    rows = torch.arange(len(labels))
+    rows = torch.arange(len(classes))
     top = targets.argmax(1)
     swapped = targets.clone()
-    swapped[rows, labels.cpu()] = targets[rows, top]
-    swapped[rows, top] = targets[rows, labels.cpu()]
-    return swapped.to(labels.device)
+    swapped[rows, classes] = targets[rows, top]
+    swapped[rows, top] = targets[rows, classes]
+    return swapped.to(labels.device, dtype)
 
 
 def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:

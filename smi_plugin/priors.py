@@ -11,7 +11,7 @@ pixels contributes a constant, so ``RetainedPixelPriors.plan`` computes, per ima
   group's fixed pixel offsets), as indices into ``[param, 0]`` plus the frozen end's value.
 
 Each iteration then takes the pairs inside retained patches as slices of the parameter and gathers
-the listed crossing pairs; ``squared_differences`` does the forward and the backward of all four
+the listed crossing pairs; ``_SquaredDifferences`` does the forward and the backward of all four
 directions with a handful of tensor operations (autograd would create and zero-fill a buffer per
 slice and per gather). Values and gradients equal the dense definition exactly
 (``tests/test_priors.py``); dense inversion is the case where every patch is retained.
@@ -209,9 +209,7 @@ class _SquaredDifferences(torch.autograd.Function):
         *inside, crossing, ends = ctx.saved_tensors
         plan: RetainedPixelPriors = ctx.plan
         b = crossing.shape[0]
-        with_abs = grad_abs is not None and grad_abs.numel() > 0
-        if grad_square is None:
-            grad_square = crossing.new_zeros(b, len(DIRECTIONS))
+        with_abs = grad_abs.numel() > 0  # autograd hands zeros for an unused output, never None
 
         def weights(diff: torch.Tensor, square_grad: torch.Tensor, abs_grad: torch.Tensor | None) -> torch.Tensor:
             # d(sum diff^2)/d diff = 2 diff; d(sum |diff|)/d diff = sign(diff).

@@ -186,7 +186,9 @@ class PatchLevelViT(nn.Module):
     instruments the model itself. The patch-embedding conv is also held as ``patch_projection``, an
     ``nn.Linear`` on flattened patches whose weight is a view of the conv's (same storage) and whose
     bias is the conv's, so traced graphs see a linear layer like every other, which quantizers
-    lower to an int8 matmul.
+    lower to an int8 matmul. The view is re-taken after ``.to()``/``.half()``, so the two never
+    part; it is frozen (gradients reach the conv only through ``model`` itself): the wrapper is for
+    tracing and inference.
     """
 
     def __init__(self, model: nn.Module, image_size: tuple[int, int] | None = None) -> None:
@@ -197,8 +199,18 @@ class PatchLevelViT(nn.Module):
         proj = model.patch_embed.proj
         self.patch_projection = nn.Linear(self.grid.patch_dim, proj.out_channels, bias=proj.bias is not None,
                                           device="meta")
+        self._tie_projection()
+
+    def _tie_projection(self) -> None:
+        proj = self.model.patch_embed.proj
         self.patch_projection.weight = nn.Parameter(proj.weight.detach().flatten(1), requires_grad=False)
         self.patch_projection.bias = proj.bias
+
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module._apply converts the view into a tensor of its own; point it back at the conv's storage.
+        super()._apply(fn, recurse)
+        self._tie_projection()
+        return self
 
     def forward(self, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return forward_patches(self.model, self.grid, patches, positions, projection=self.patch_projection)

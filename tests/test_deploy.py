@@ -22,7 +22,8 @@ from smi_plugin.cli import main
 from smi_plugin.data import load_split
 from smi_plugin.images import model_normalization, normalize
 from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, QuantizedModelError, check_deployable,
-                                            compile_quantized, export_quantized, load_quantized, save_quantized)
+                                            compile_quantized, export_quantized, load_quantized, save_quantized,
+                                            write_program)
 from smi_plugin.integrations.torchao import quantize_with_inverted_data
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
@@ -107,6 +108,13 @@ def test_loaded_model_equals_the_in_memory_one_bit_for_bit(in_memory, real_image
         assert torch.equal(fast(real_images), compiled(real_images))
         # the compiled int8 kernels stay close to the eager q/dq simulation
         assert torch.nn.functional.cosine_similarity(fast(real_images), eager_loaded).min() > 0.99
+
+
+def test_the_same_program_saves_to_the_same_bytes(in_memory, tmp_path):
+    program, _, directory = in_memory
+    write_program(program, tmp_path / MODEL_FILE)
+    assert (tmp_path / MODEL_FILE).read_bytes() == (directory / MODEL_FILE).read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == [MODEL_FILE]  # the uncompressed intermediate is gone
 
 
 def test_the_int8_file_holds_no_fp32_weights(in_memory, teacher):

@@ -3,7 +3,7 @@ import timm
 import torch
 
 from smi_plugin import UnsupportedModelError, forward_kept_tokens
-from smi_plugin.tokens import (images_to_patches, indices_to_mask, mask_to_indices,
+from smi_plugin.tokens import (PatchLevelViT, images_to_patches, indices_to_mask, mask_to_indices,
                                patch_grid, patches_to_images, record_cls_attention)
 
 from conftest import make_vit
@@ -63,6 +63,21 @@ def test_patch_layout_round_trips_and_matches_conv(tiny_vit):
     proj = tiny_vit.patch_embed.proj
     conv = proj(x).flatten(2).transpose(1, 2)
     assert torch.allclose(patches @ proj.weight.flatten(1).T + proj.bias, conv, atol=1e-5)
+
+
+@torch.no_grad()
+def test_patch_level_vit_is_timm_forward_and_its_projection_follows_the_conv():
+    model = make_vit("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    patch_model = PatchLevelViT(model).double()  # a conversion after wrapping must keep the two tied
+    x = _images(model).double()
+    grid = patch_model.grid
+    positions = torch.arange(grid.num_patches).expand(x.shape[0], -1)
+    logits = patch_model(images_to_patches(x, grid.patch_size), positions)
+    assert logits.dtype == torch.float64 and torch.allclose(logits, model(x), atol=1e-10, rtol=0)
+    conv_weight = model.patch_embed.proj.weight
+    assert patch_model.patch_projection.weight.data_ptr() == conv_weight.data_ptr()
+    conv_weight.mul_(2)  # one storage: a change to the conv is the projection's too
+    assert torch.equal(patch_model.patch_projection.weight, conv_weight.flatten(1))
 
 
 @torch.no_grad()

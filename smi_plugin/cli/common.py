@@ -70,9 +70,11 @@ def load_teacher_from_args(args: argparse.Namespace):
     return teacher
 
 
-def add_inversion_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
-    """``--preset``, ``--config FILE`` and one flag per ``InversionConfig`` field; ``defaults`` are the
-    command's own (what ``inversion_config`` is given), shown in ``--help`` in place of the library's."""
+def add_inversion_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                            title: str = "inversion (InversionConfig)") -> None:
+    """``--preset``, ``--config FILE`` and one flag per ``InversionConfig`` field under ``title``;
+    ``defaults`` are the command's own (what ``inversion_config`` is given), shown in ``--help`` in
+    place of the library's."""
     group = parser.add_argument_group("inversion presets")
     group.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="named recipe the flags below override: default (the paper's method, stages scaled "
@@ -82,7 +84,7 @@ def add_inversion_arguments(parser: argparse.ArgumentParser, defaults: dict[str,
                        help="YAML or JSON file whose keys are InversionConfig fields (default: none)")
     # --mean/--std belong to the teacher (add_teacher_arguments): stored in its pretrained_cfg they
     # reach inversion, calibration and evaluation alike; config_from_args still copies them over.
-    add_config_arguments(parser, InversionConfig, "inversion (InversionConfig)", defaults=defaults,
+    add_config_arguments(parser, InversionConfig, title, defaults=defaults,
                          skip=("mean", "std"))
 
 

@@ -59,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("distill", help="data-free knowledge distillation from inverted images",
                              description="Train a student on inverted images only; evaluate on real held-out images.")
     add_teacher_arguments(parser)
-    add_inversion_arguments(parser, {**KD_INVERSION, **ONLINE_INVERSION})
+    add_inversion_arguments(parser, {**KD_INVERSION, **ONLINE_INVERSION},
+                            title="inversion (InversionConfig; the defaults shown are --source online's)")
     _add_distill_arguments(parser)
     group = parser.add_argument_group("student and outputs")
     group.add_argument("--mode", default="auto", choices=["auto", *MODES],
