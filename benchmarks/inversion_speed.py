@@ -341,6 +341,9 @@ def benchmark_one(model_name: str, batch_size: int, cfg: BenchConfig) -> dict[st
                 reference[name].append(_time_steps(runner.step, cfg.steps, device))
     compiled: list[float] = []
     if cfg.compile_step:
+        # Every model's step is the same code object (SparseInverter._objective): without a reset, dynamo's
+        # per-code recompile limit is reached on a later model, whose "compiled" step then runs eager.
+        torch._dynamo.reset()
         compiled_inverter = SparseInverter(model, inverter.config.replace(compile_step=True), progress=False)
         with frozen(model):
             for state in states:  # compilation first (a handful of graphs), then the timed steps
