@@ -16,12 +16,15 @@ pretrained on other real data (``--mode linear-probe``, the paper's setting) or 
     python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --dense-images 512 --json kd.json
 
 ``--online MINUTES`` measures the online loop instead (``smi distill``'s default source): each of
-``--variants`` (``ONLINE_VARIANTS``: the defaults, dense, SMI stopping, one-hot targets, a fixed pool, the
-competition term, ...) runs ``smi distill`` with its defaults plus the variant's flags for the same
+``--variants`` (``ONLINE_VARIANTS``: the defaults, dense, SMI stopping, one-hot targets, a fixed pool, warm
+starts, the competition term, ...) runs ``smi distill`` with its defaults plus the variant's flags for the same
 wall-clock budget, ``--jobs`` at a time with one thread each (equal CPU per variant), and the table
 reports student top-1 against minutes of training (wall clock, evaluations included):
 
     python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --online 12 --jobs 2 --json online.json
+
+``--online-steps N`` gives each variant N KD steps instead: the runs are then bit-identical until the
+variant's flag first acts, so a difference is the flag's, not the drift of a wall-clock learning-rate schedule.
 
 Inversion flags are the CLI's (``smi invert --help``); ``--schedule`` sets the sparse run's stages
 (default: the paper's, scaled to ``--iterations``).
@@ -104,6 +107,7 @@ ONLINE_VARIANTS = {
     "one-hot targets": ["--soft-targets", "0"],
     "data-like priors": ["--augment", "pixel", "--tv-l2-weight", "3e-2", "--input-stats-weight", "1.0"],
     "fixed pool (no renewal)": ["--no-renew"],
+    "warm starts (two-class mixes)": ["--warm-start"],
     "competition term": ["--competition-weight", "1.0"],
     "three free channels": ["--no-tie-channels"],  # the zoo's grayscale teachers tie them by default
 }
@@ -130,7 +134,7 @@ def online_runs(teacher: str, variants: dict[str, list[str]], budget: list[str],
                     report = json.loads(run_out.read_text())
                     results[run_name] = {key: report[key] for key in ("mode", "student_accuracy", "teacher_accuracy",
                                                                       "steps", "inverted_images", "curve",
-                                                                      "curve_minutes", "failed")}
+                                                                      "curve_minutes", "kd_loss", "failed")}
                 running = []
     return results
 
@@ -140,21 +144,29 @@ def online_main(args, extra: list[str]) -> None:
     unknown = [n for n in names if n not in ONLINE_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown --variants {unknown}; choose from {list(ONLINE_VARIANTS)} (separated by ';')")
-    budget = ["--mode", args.mode, "--minutes", str(args.online), "--eval-every", str(args.eval_every)]
-    results = {"teacher": args.teacher, "mode": args.mode, "minutes": args.online, "jobs": args.jobs,
-               "threads_per_run": 1 if args.jobs > 1 else torch.get_num_threads(), "extra_flags": extra,
+    by_steps = args.online_steps is not None
+    limit = ["--steps", str(args.online_steps)] if by_steps else ["--minutes", str(args.online)]
+    budget = ["--mode", args.mode, *limit, "--eval-every", str(args.eval_every)]
+    results = {"teacher": args.teacher, "mode": args.mode, "minutes": args.online, "steps": args.online_steps,
+               "jobs": args.jobs, "threads_per_run": 1 if args.jobs > 1 else torch.get_num_threads(),
+               "extra_flags": extra,
                "variants": online_runs(args.teacher, {n: ONLINE_VARIANTS[n] for n in names}, budget, args.jobs, extra)}
-    marks = [m for m in (2, 5, 10, 15, 20, 30) if m < args.online] + [args.online]
-    print(f"online KD, teacher {args.teacher}, mode {args.mode}, {args.online:g} min per variant, "
+    if by_steps:
+        marks, unit = [args.online_steps * quarter // 4 for quarter in (1, 2, 3, 4)], "steps"
+    else:
+        marks, unit = [m for m in (2, 5, 10, 15, 20, 30) if m < args.online] + [args.online], "min"
+    print(f"online KD, teacher {args.teacher}, mode {args.mode}, {' '.join(limit[1:])} {unit} per variant, "
           f"{results['threads_per_run']} thread(s) each; top-1 on the real held-out set")
-    print(f"{'variant':<34}{'steps':>7}{'samples':>9}" + "".join(f"{f'@{m:g} min':>10}" for m in marks))
+    print(f"{'variant':<34}{'steps':>7}{'samples':>9}{'minutes':>9}" + "".join(f"{f'@{m:g} {unit}':>12}" for m in marks))
     for name, r in results["variants"].items():
         at = []
         for mark in marks:  # the last evaluation at or before each mark (the final one at the budget)
-            seen = [acc for (_, acc), (_, minute) in zip(r["curve"], r["curve_minutes"]) if minute <= mark + 1e-9]
+            seen = [acc for (step, acc), (_, minute) in zip(r["curve"], r["curve_minutes"])
+                    if (step if by_steps else minute) <= mark + 1e-9]
             at.append(f"{100 * seen[-1]:.1f}%" if seen else "-")
         at[-1] = f"{100 * r['student_accuracy']:.1f}%"
-        print(f"{name:<34}{r['steps']:>7}{r['inverted_images']:>9}" + "".join(f"{a:>10}" for a in at))
+        minutes = r["curve_minutes"][-1][1] if r["curve_minutes"] else float("nan")
+        print(f"{name:<34}{r['steps']:>7}{r['inverted_images']:>9}{minutes:>9.1f}" + "".join(f"{a:>12}" for a in at))
     if args.json:
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
 
@@ -164,6 +176,10 @@ def main() -> None:
     parser.add_argument("--online", type=float, default=None, metavar="MINUTES",
                         help="measure the online loop's variants for this many minutes each (flags after -- go "
                              "to every smi distill run)")
+    parser.add_argument("--online-steps", type=int, default=None, metavar="STEPS",
+                        help="as --online, for this many KD steps each: runs are then identical up to where a "
+                             "variant's flag first acts (--online compares at equal CPU time, where the minutes "
+                             "budget's learning-rate clock alone makes runs drift apart)")
     parser.add_argument("--variants", default=None, help=f"';'-separated subset of {list(ONLINE_VARIANTS)}")
     parser.add_argument("--jobs", type=int, default=1, help="online variants run at once (one thread each if > 1)")
     parser.add_argument("--teacher", default="fashion-mnist-vit-ft")
@@ -180,7 +196,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     add_inversion_arguments(parser)
     args, extra = parser.parse_known_args()
-    if args.online is not None:
+    if args.online is not None and args.online_steps is not None:
+        parser.error("--online (minutes) and --online-steps both set the budget of the online runs: give one")
+    if args.online is not None or args.online_steps is not None:
         online_main(args, [e for e in extra if e != "--"])
         return
     if extra:

@@ -109,6 +109,8 @@ class DistillConfig(ConfigBase):
     renew: bool = option(True, "source online: a pool slot that has run the inversion's --iterations starts "
                          "again from noise, its images kept for replay (fresh samples); otherwise slots are "
                          "inverted for the whole run")
+    warm_start: bool = option(False, "source online: a renewed slot starts from mixes of two finished samples "
+                              "(one of each image's class, one of another, weight U(0, 1)) instead of noise")
     eval_every: int = option(50, "KD steps between evaluations on the real held-out images")
     checkpoint_every: int = option(100, "KD steps between checkpoints (with an output directory)")
     seed: int = option(0, "seed of batch sampling, flips and mixes (resume continues the sequence)")
@@ -289,7 +291,8 @@ class KDTrainer:
         self.step, self.total_steps = 0, config.steps
         self.elapsed = 0.0  # seconds of training so far (over resumes), the clock of a minutes budget
         self.pool: InvertedBatch | None = None
-        self.online = (OnlinePool(inverter, config.pool_size, config.seed, renew=config.renew)
+        self.online = (OnlinePool(inverter, config.pool_size, config.seed, renew=config.renew,
+                                  warm_start=config.warm_start)
                        if config.source == "online" else None)
         self.history: dict[str, list] = {"kd_loss": [], "eval": [], "pool_size": [], "minutes": []}
 

@@ -245,12 +245,16 @@ class SparseInverter:
         fused = param.device.type in ("cpu", "cuda")
         return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas, fused=fused)
 
-    def start(self, labels: torch.Tensor, seed: int) -> InversionState:
-        """Fresh state for one batch: Gaussian noise in normalized space, every patch retained."""
+    def start(self, labels: torch.Tensor, seed: int, images: torch.Tensor | None = None) -> InversionState:
+        """Fresh state for one batch, every patch retained: Gaussian noise in normalized space, or
+        ``images`` (``(B, C, H, W)`` pixels in ``[0, 1]``) as the starting point (a warm start)."""
         grid = self.grid
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(labels.numel(), self.channels.param_channels, *grid.image_size, generator=generator)
-        canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
+        if images is None:
+            noise = torch.randn(labels.numel(), self.channels.param_channels, *grid.image_size, generator=generator)
+            canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
+        else:
+            canvas = self.channels.from_pixels(images.to(self.device), grid).to(self.dtype)
         kept = torch.arange(grid.num_patches, device=self.device).expand(labels.numel(), -1).contiguous()
         param = canvas.clone().requires_grad_(True)
         targets = None

@@ -4,13 +4,13 @@ The pool is ``ceil(size / B)`` slots of ``B = min(config.batch_size, size)`` ima
 (noise at first). ``advance(slot, k)`` takes ``k`` more inversion steps on one slot, stopping
 patches on the config's schedule by the slot's own iteration count (its "age"). With ``renew``, a
 slot that has run the config's ``iterations`` is finished: its images join a replay memory of the
-last ``size`` finished samples and the slot starts again from fresh noise, so the student keeps
-seeing new samples (fresh samples beat polishing a fixed few, Fast-DFKD). ``batch()`` is the
-memory plus the current slots as an ``InvertedBatch``, the library's one data type, so sampling
-and the trainer treat it like any fixed pool. The pool is plain state: pickled with the
-student's checkpoint, it resumes exactly.
+last ``size`` finished samples and the slot starts again from fresh noise (or, with ``warm_start``,
+from mixes of two remembered samples), so the student keeps seeing new samples (fresh samples beat
+polishing a fixed few, Fast-DFKD). ``batch()`` is the memory plus the current slots as an
+``InvertedBatch``, the library's one data type, so sampling and the trainer treat it like any fixed
+pool. The pool is plain state: pickled with the student's checkpoint, it resumes exactly.
 
-Inverter API used: ``start(labels, seed)``, ``step(state, iteration, scoring=)`` (a scoring step
+Inverter API used: ``start(labels, seed, images)``, ``step(state, iteration, scoring=)`` (a scoring step
 records the attention in the state), ``stop(state, stage)``, ``stages``, ``policy.needs_scores``,
 ``session()`` (teacher frozen, hooks on), ``channels.to_pixels``, ``num_classes``, ``grid``,
 ``mean``/``std``, ``device``, ``competitor``.
@@ -49,12 +49,15 @@ class OnlinePool:
             (``pool_seed = derive_seed(seed, POOL_SEED_INDEX)``), labels balanced over classes.
         renew: restart finished slots (age ``config.iterations``) from noise, keeping their images
             in the replay memory; otherwise slots keep being inverted for the whole run.
+        warm_start: a renewed slot starts from mixes of two remembered samples instead of noise
+            (``warm_images``), so its first steps cross from another class toward its own.
     """
 
     inverter: SparseInverter
     size: int
     seed: int = 0
     renew: bool = True
+    warm_start: bool = False
     slots: dict[int, _Slot] = field(default_factory=dict)
     memory: InvertedBatch | None = None  # the last ``size`` finished samples
     finished: int = 0  # samples finished so far (more than the memory holds in a long run)
@@ -79,7 +82,27 @@ class OnlinePool:
         renewal = self.renewals.get(index, 0)
         # Seeds of their own: the trainer seeds KD step k's generator with derive_seed(seed, k).
         pool_seed = derive_seed(self.seed, POOL_SEED_INDEX)
-        return _Slot(self.inverter.start(labels, derive_seed(pool_seed, index + renewal * self.num_slots)))
+        seed = derive_seed(pool_seed, index + renewal * self.num_slots)
+        warm = self.warm_start and self.memory is not None
+        images = self.warm_images(labels, derive_seed(seed, 1)) if warm else None
+        return _Slot(self.inverter.start(labels, seed, images))
+
+    def warm_images(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Starting pixels for ``labels``: ``w * own + (1 - w) * other`` per row, ``w ~ U(0, 1)``, ``own``
+        a remembered sample of the row's class and ``other`` one of another class (each drawn at random;
+        any remembered sample where the memory holds none of the kind), all drawn from ``seed``."""
+        generator = torch.Generator().manual_seed(seed)
+        remembered = self.memory.labels.cpu()
+        same = remembered.unsqueeze(0) == labels.cpu().unsqueeze(1)  # (B, M)
+
+        def draw(wanted: torch.Tensor) -> torch.Tensor:
+            # uniform among the wanted rows (their scores are >= 1), among all where a row wants none
+            return (torch.rand(wanted.shape, generator=generator) + wanted.float()).argmax(1)
+
+        own, other = draw(same), draw(~same)
+        weight = torch.rand(len(labels), 1, 1, 1, generator=generator)
+        images = self.memory.images.cpu()
+        return weight * images[own] + (1 - weight) * images[other]
 
     def _remember(self, done: InvertedBatch) -> None:
         """Append finished samples to the replay memory, which keeps the last ``size``."""
@@ -91,7 +114,7 @@ class OnlinePool:
         self.memory = memory
 
     def _retire(self, index: int) -> None:
-        """Move slot ``index``'s finished images to the memory and start it again from noise."""
+        """Move slot ``index``'s finished images to the memory; ``advance`` starts the slot again."""
         self._remember(self._batch([self.slots.pop(index)]))
         self.renewals[index] = self.renewals.get(index, 0) + 1
 
@@ -155,11 +178,12 @@ class OnlinePool:
 
     def state_dict(self) -> dict:
         """Picklable state (inverter states with their Adam moments and generators)."""
-        return {"size": self.size, "seed": self.seed, "renew": self.renew, "slots": self.slots,
-                "memory": self.memory, "finished": self.finished, "renewals": self.renewals}
+        return {"size": self.size, "seed": self.seed, "renew": self.renew, "warm_start": self.warm_start,
+                "slots": self.slots, "memory": self.memory, "finished": self.finished, "renewals": self.renewals}
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["size"], state["seed"], state.get("renew", False)) != (self.size, self.seed, self.renew):
-            raise ValueError("the checkpointed online pool has another size, seed or renewal setting")
+        saved = (state["size"], state["seed"], state.get("renew", False), state.get("warm_start", False))
+        if saved != (self.size, self.seed, self.renew, self.warm_start):
+            raise ValueError("the checkpointed online pool has another size, seed, renewal or warm-start setting")
         self.slots, self.memory = state["slots"], state.get("memory")
         self.finished, self.renewals = state.get("finished", 0), state.get("renewals", {})

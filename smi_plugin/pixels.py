@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .tokens import PatchGrid, patches_to_images
+from .tokens import PatchGrid, images_to_patches, patches_to_images
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,15 @@ class ChannelMap:
         """Clamp optimised patches ``(B, K, Cp*p*p)`` in place to the valid pixel range."""
         with torch.no_grad():
             param.view(param.shape[0], param.shape[1], self.param_channels, -1).clamp_(self.low, self.high)
+
+    def from_pixels(self, images: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
+        """``(B, C, H, W)`` pixels in ``[0, 1]`` -> ``(B, N, Cp*p*p)`` optimised patches (``to_pixels``'s
+        inverse; tied channels take the channels' average as the gray level)."""
+        pixels = images.to(self.mean.dtype)
+        if self.scale is None:
+            return images_to_patches((pixels - self.mean) / self.std, grid.patch_size)
+        gray = pixels.mean(1, keepdim=True)  # the tied level: pixel = g * std_avg + mean_avg
+        return images_to_patches((gray - self.mean.mean()) / self.std.mean(), grid.patch_size)
 
     def to_pixels(self, patches: torch.Tensor, grid: PatchGrid) -> torch.Tensor:
         """Every patch ``(B, N, Cp*p*p)`` -> detached ``(B, C, H, W)`` pixels in ``[0, 1]``."""

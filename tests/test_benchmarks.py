@@ -43,3 +43,22 @@ def test_distillation_transfer_reports_every_pool_and_the_real_reference(tmp_pat
     assert report["real_reference"]["images"] == 512
     assert report["real_reference"]["best_top1"] > 0.25
     assert "real images (reference)" in result.stdout
+
+
+def test_online_variants_at_equal_steps_are_identical_until_the_variant_acts(tmp_path):
+    out = tmp_path / "online.json"
+    variants = "defaults (sparse, renewed pool);warm starts (two-class mixes)"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/distillation_transfer.py"), "--teacher", "digits-vit",
+                             "--mode", "full", "--online-steps", "8", "--eval-every", "2", "--variants", variants,
+                             "--jobs", "2", "--json", str(out), "--", "--pool-size", "16", "--batch-size", "8",
+                             "--iterations", "6", "--kd-batch-size", "8"],
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "@8 steps" in result.stdout
+    runs = json.loads(out.read_text())["variants"]
+    noise, warm = (runs[name] for name in variants.split(";"))
+    assert [step for step, _ in noise["curve"]] == [step for step, _ in warm["curve"]] == [2, 4, 6, 8]
+    # Two slots of 8 images, 2 iterations per visit: slot 0 finishes its 6 iterations in step 6 and starts
+    # again in step 7, warm or from noise; until then both runs are the same computation, bit for bit.
+    assert [step for step, _ in noise["kd_loss"]] == list(range(1, 9))
+    assert noise["kd_loss"][:6] == warm["kd_loss"][:6] and noise["kd_loss"][6] != warm["kd_loss"][6]

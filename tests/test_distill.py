@@ -103,15 +103,18 @@ def _online(teacher, pool_size=16):
     return SparseInverter(teacher, config, progress=False)
 
 
-def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("warm_start", [False, True], ids=["from-noise", "warm-start"])
+def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, monkeypatch,
+                                                                                   warm_start):
     teacher, _, mean, std, _ = digits
     config = DistillConfig.for_mode("full", source="online", steps=10, pool_size=16, batch_size=4, inversion_steps=2,
-                                    mixup=0.5, checkpoint_every=3, eval_every=100)
+                                    mixup=0.5, checkpoint_every=3, eval_every=100, warm_start=warm_start)
     reference = tiny_student()
     uninterrupted = KDTrainer(teacher, reference, config, None, mean, std, inverter=_online(teacher), progress=False)
     uninterrupted.fit()
     # Two slots of 8, 2 iterations per visit, 5 visits each: a stop at age 2 (64 -> 32 patches); at the
-    # 4th visit each slot has run its 6 iterations, so its images go to the memory and it restarts from noise.
+    # 4th visit each slot has run its 6 iterations, so its images go to the memory and it restarts (from
+    # noise, or warm from mixes of remembered samples).
     online = uninterrupted.online
     assert [slot.age for slot in online.slots.values()] == [4, 4] and online.finished == 16
     assert uninterrupted.images_seen == 32 and len(online.batch()) == 32
@@ -144,6 +147,36 @@ def test_a_fixed_online_pool_keeps_inverting_the_same_samples(digits):
     trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, inverter=_online(teacher), progress=False)
     trainer.fit()
     assert [slot.age for slot in trainer.online.slots.values()] == [10, 10] and trainer.images_seen == 16
+
+
+def test_a_warm_start_mixes_a_remembered_sample_of_the_class_with_one_of_another(digits):
+    from smi_plugin.online import OnlinePool
+
+    teacher = digits[0]
+    pool = OnlinePool(_online(teacher), size=16, seed=0, warm_start=True)
+    pool.advance(0, 6)
+    assert pool.memory is None and pool.slots[0].age == 6  # nothing remembered yet: the first starts are noise
+    pool.advance(0, 1)  # slot 0 is finished: its 8 samples are remembered and it starts again, warm
+    memory, state, inverter = pool.memory, pool.slots[0].state, pool.inverter
+    labels = state.labels
+    starts = inverter.channels.to_pixels(state.canvas, inverter.grid)  # the canvas is the start until a stop
+    assert torch.equal(pool.warm_images(labels, seed=3), pool.warm_images(labels, seed=3))  # drawn from the seed
+    flat, remembered = starts.flatten(1), memory.images.flatten(1)
+    for row, label in enumerate(labels.tolist()):
+        # Some pair (own, other) and weight w in [0, 1] give the row exactly: solve w per pair, keep the best.
+        best = (float("inf"), None)
+        for own in (memory.labels == label).nonzero().flatten().tolist():
+            for other in (memory.labels != label).nonzero().flatten().tolist():
+                a, b = remembered[own], remembered[other]
+                w = float(((flat[row] - b) @ (a - b)) / (a - b).square().sum())
+                residual = float((w * a + (1 - w) * b - flat[row]).abs().max())
+                best = min(best, (residual, w), key=lambda r: r[0])
+        assert best[0] < 1e-5 and -1e-5 <= best[1] <= 1 + 1e-5
+    given = pool.warm_images(labels, seed=3)  # the inverter starts exactly from given pixels (gray, as tied)
+    started = inverter.start(labels, seed=0, images=given)
+    assert torch.allclose(inverter.channels.to_pixels(started.canvas, inverter.grid), given, atol=1e-6)
+    with pytest.raises(ValueError, match="warm-start"):  # a checkpoint of a noise-started pool does not resume it
+        pool.load_state_dict({**pool.state_dict(), "warm_start": False})
 
 
 def test_rebirth_samples_join_the_online_memory_as_they_are_emitted(digits):

@@ -33,3 +33,12 @@ def test_tied_channels_drive_every_channel_with_one_gray_level():
     pixels = channels.to_pixels(gray, GRID)
     assert torch.allclose(pixels[:, 0], pixels[:, 1], atol=1e-6) and torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-6)
     assert pixels.min() >= 0 and pixels.max() <= 1
+
+
+def test_from_pixels_is_the_inverse_of_to_pixels():
+    pixels = torch.rand(2, 3, 4, 4)
+    untied = ChannelMap.build(MEAN, STD, tie_channels=False)
+    assert torch.allclose(untied.to_pixels(untied.from_pixels(pixels, GRID), GRID), pixels, atol=1e-6)
+    tied = ChannelMap.build(MEAN, STD, tie_channels=True)
+    gray = pixels.mean(1, keepdim=True)  # tied channels keep the gray level: the channels' average
+    assert torch.allclose(tied.to_pixels(tied.from_pixels(pixels, GRID), GRID), gray.expand(-1, 3, -1, -1), atol=1e-6)

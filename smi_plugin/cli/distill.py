@@ -90,8 +90,8 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     the inversion's ``--seed``, the mode is ``--mode``)."""
     title = (f"distillation (DistillConfig; --mode full starts from {MODE_DEFAULTS['full']}, --source online "
              f"from {SOURCE_DEFAULTS['online']} and inversion {ONLINE_INVERSION}; every source inverts with "
-             f"{KD_INVERSION}; without --steps or --epochs "
-             f"the budget is --minutes)")
+             f"{KD_INVERSION}; without --steps or --epochs the budget is --minutes; --seed also seeds the "
+             f"student's initial weights and the KD batches)")
     add_config_arguments(parser, DistillConfig, title, defaults={"source": "online", "minutes": DEFAULT_MINUTES},
                          skip=("mode", "seed"), prefix="kd_", prefixed=PREFIXED)
 
@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> None:
     if test is None:
         logger.info("no held-out data for this teacher (give --eval-data DIR): the student is trained and saved, "
                     "nothing is evaluated")
-    student, architecture, model_kwargs = distill_student(args, teacher)
+    with torch.random.fork_rng(devices=[]):  # the student's initial weights follow --seed, not the process
+        torch.manual_seed(config.seed)
+        student, architecture, model_kwargs = distill_student(args, teacher)
     mean, std = model_normalization(teacher)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # KDTrainer's default accelerator device
     teacher = teacher.to(device)  # before the inverter, which builds its tensors on the model's device
@@ -189,7 +191,8 @@ def run(args: argparse.Namespace) -> None:
               "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std, device=device) if test is not None else None,
               "student_accuracy": accuracy, "chance_accuracy": 1 / classes,
               "failed": accuracy is not None and failed(accuracy, classes),
-              "steps": trainer.step, "curve": history["eval"], "curve_minutes": history["minutes"], "inversion": config.to_dict(),
+              "steps": trainer.step, "curve": history["eval"], "curve_minutes": history["minutes"],
+              "kd_loss": history["kd_loss"], "inversion": config.to_dict(),
               "distillation": kd.to_dict()}
     if args.out:
         card = {"architecture": architecture, "model_kwargs": model_kwargs, "num_classes": classes,
