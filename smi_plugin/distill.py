@@ -107,8 +107,8 @@ class DistillConfig(ConfigBase):
                             "for replay)")
     inversion_steps: int = option(2, "source online: inversion iterations per KD step")
     renew: bool = option(True, "source online: a pool slot that has run the inversion's --iterations starts "
-                         "again from noise, its images kept for replay (fresh samples); otherwise slots are "
-                         "inverted for the whole run")
+                         "again (from noise, or --warm-start), its images kept for replay (fresh samples); "
+                         "otherwise slots are inverted for the whole run")
     warm_start: bool = option(False, "source online: a renewed slot starts from mixes of two finished samples "
                               "(one of each image's class, one of another, weight U(0, 1)) instead of noise")
     eval_every: int = option(50, "KD steps between evaluations on the real held-out images")

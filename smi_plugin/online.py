@@ -47,7 +47,7 @@ class OnlinePool:
         size: images in the pool (rounded up to whole slots).
         seed: slot ``j``'s ``g``-th start is seeded with ``derive_seed(pool_seed, j + g * num_slots)``
             (``pool_seed = derive_seed(seed, POOL_SEED_INDEX)``), labels balanced over classes.
-        renew: restart finished slots (age ``config.iterations``) from noise, keeping their images
+        renew: restart finished slots (age ``config.iterations``), keeping their images
             in the replay memory; otherwise slots keep being inverted for the whole run.
         warm_start: a renewed slot starts from mixes of two remembered samples instead of noise
             (``warm_images``), so its first steps cross from another class toward its own.
