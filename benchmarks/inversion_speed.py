@@ -43,7 +43,7 @@ from smi_plugin.images import frozen
 from smi_plugin.losses import tv_l2
 from smi_plugin.schedule import StoppingSchedule
 from smi_plugin.flops import count_step_flops
-from smi_plugin.tokens import forward_tokens
+from smi_plugin.tokens import PRECISIONS, forward_tokens
 
 DEFAULT_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224")
 
@@ -62,6 +62,8 @@ class BenchConfig:
         public_iterations: length of the public-API runs (0 skips them); 80 = the paper's 4000 / 50,
             so the scaled stops (1, 2, 4, 6) keep the paper's proportions exactly.
         compile_step: also time the compiled step at every stage.
+        precision: our inverter's ``InversionConfig.precision`` (float32 or bfloat16 autocast); the
+            reference-style implementation stays float32, as the authors' code runs.
         reference: also time the reference-style implementation.
         memory: also measure peak memory (fresh processes on the CPU).
         flops: also count FLOPs.
@@ -77,6 +79,7 @@ class BenchConfig:
     warmup: int = 1
     public_iterations: int = 80
     compile_step: bool = False
+    precision: str = "float32"
     reference: bool = True
     memory: bool = True
     flops: bool = True
@@ -103,7 +106,7 @@ def _build(model_name: str, batch_size: int, cfg: BenchConfig, device: torch.dev
 
     model = timm.create_model(model_name, pretrained=False).to(device).eval()
     config = InversionConfig(iterations=cfg.iterations, batch_size=batch_size, schedule=cfg.schedule,
-                             seed=0, log_every=cfg.iterations)
+                             seed=0, log_every=cfg.iterations, precision=cfg.precision)
     inverter = SparseInverter(model, config, progress=False)
     labels = torch.arange(batch_size, device=device) % inverter.num_classes
     return model, inverter, labels
@@ -225,7 +228,8 @@ def public_api_seconds(model, stages: Sequence[tuple[int, float]], batch_size: i
     labels = torch.arange(batch_size, device=device) % int(model.num_classes)
     seconds = {}
     for name, (schedule, iterations) in runs.items():
-        config = InversionConfig(iterations=iterations, batch_size=batch_size, schedule=schedule, seed=0)
+        config = InversionConfig(iterations=iterations, batch_size=batch_size, schedule=schedule, seed=0,
+                                 precision=cfg.precision)
         inverter = SparseInverter(model, config, progress=False)
         _sync(device)
         started = time.perf_counter()
@@ -357,7 +361,8 @@ def benchmark_one(model_name: str, batch_size: int, cfg: BenchConfig) -> dict[st
     record: dict[str, Any] = {
         "model": model_name, "batch_size": batch_size, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "iterations": cfg.iterations, "schedule": str(schedule),
+        "threads": torch.get_num_threads(), "precision": cfg.precision, "iterations": cfg.iterations,
+        "schedule": str(schedule),
         "kept_counts": counts, "stage_lengths": lengths, "stage_seconds_per_iteration": stage_seconds,
         "dense_seconds_per_iteration": stage_seconds[0], "whole_run_seconds_dense": dense_run,
         "whole_run_seconds_sparse": sparse_run, "stop_seconds": stop_seconds,
@@ -423,7 +428,7 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> list[dict[str, Any
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table of the headline ratios."""
-    columns = [("model", "model", "{}"), ("B", "batch_size", "{}"),
+    columns = [("model", "model", "{}"), ("B", "batch_size", "{}"), ("precision", "precision", "{}"),
                ("dense s/it", "dense_seconds_per_iteration", "{:.3f}"),
                ("final s/it", "stage_seconds_per_iteration", None),
                ("whole-run x", "whole_run_speedup", "{:.2f}"), ("final x", "final_stage_speedup", "{:.2f}"),
@@ -466,6 +471,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of the public-API invert() runs (default 80: the paper's proportions; 0 skips them)")
     parser.add_argument("--compile-step", action="store_true",
                         help="also time the compiled step (InversionConfig.compile_step) at every stage")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="our inverter's precision (the reference-style one stays float32)")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-style implementation")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -476,7 +483,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     common = dict(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
                   batch_sizes=tuple(int(b) for b in str(args.batch_size).split(",")),
                   iterations=args.iterations, schedule=args.schedule, reference=not args.no_reference,
-                  memory=not args.no_memory, device=args.device, compile_step=args.compile_step)
+                  memory=not args.no_memory, device=args.device, compile_step=args.compile_step,
+                  precision=args.precision)
     if args.public_iterations is not None:
         common["public_iterations"] = args.public_iterations
     if args.quick:

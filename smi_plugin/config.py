@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 from .losses import BASE_METHODS
 from .schedule import StoppingSchedule
 from .selection import SELECTION_POLICIES
+from .tokens import PRECISIONS
 
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("patch", "pixel")
@@ -153,6 +154,10 @@ class InversionConfig(ConfigBase):
     log_every: int = option(10, "iterations between loss records (history and callback)")
     compile_step: bool = option(False, "torch.compile the step's forward, loss and backward (CUDA graphs on "
                                 "a GPU); the first steps of each kept count pay the compilation")
+    precision: str = option("float32", "the teacher's matmuls: float32, or bfloat16 autocast (2-3x faster on "
+                            "large ViTs where the hardware multiplies bfloat16: AMX CPUs, recent GPUs; slower "
+                            "elsewhere and on small ViTs); pixels, Adam, priors and losses stay float32",
+                            choices=PRECISIONS)
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "iterations", "batch_size", "log_every", "rebirth_divisions")
@@ -179,6 +184,7 @@ class InversionConfig(ConfigBase):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self, "augment", AUGMENTATIONS)
+        check_choice(self, "precision", PRECISIONS)
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"InversionConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "
                              f"got {self.crop_scale}")

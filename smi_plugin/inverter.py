@@ -56,6 +56,7 @@ from .tokens import (
     patches_to_images,
     position_tokens,
     record_cls_attention,
+    vit_precision,
 )
 
 logger = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ class SparseInverter:
         self.device, self.dtype = param.device, param.dtype
         if not self.dtype.is_floating_point:
             raise TypeError(f"the model's parameters are {self.dtype}; inversion needs a floating-point model")
+        if self.config.precision == "bfloat16" and self.dtype != torch.float32:
+            raise ValueError(f"precision='bfloat16' autocasts a float32 teacher, but its parameters are {self.dtype}; "
+                             "convert it with .float() or keep precision='float32'")
         self.channels = ChannelMap.build(self.mean, self.std, self.config.tie_channels, self.device, self.dtype)
         self.class_similarity = None
         if self.config.soft_targets > 0:
@@ -345,11 +349,15 @@ class SparseInverter:
         """``(loss, logits, parts)`` of one step: the base method's loss on the logits of ``patches`` at
         ``positions`` and on the whole image (``priors`` bound to ``param``), plus the competition
         term. Tensors in, tensors out: the part ``compile_step`` compiles."""
-        logits = forward_patches(self.model, self.grid, patches, positions, position_cache)
+        with vit_precision(self.device.type, self.config.precision):
+            logits = forward_patches(self.model, self.grid, patches, positions, position_cache)
+        logits = logits.to(param.dtype)
         image_priors = None if priors is None else priors.bind(param, with_abs=self.config.tv_l1_weight > 0)
         loss, parts = self.method.loss(logits, labels, image_priors)
         if self.config.competition_weight > 0 and self.competitor is not None:
-            divergence = jensen_shannon(forward_patches(self.competitor, self.grid, patches, positions), logits)
+            with vit_precision(self.device.type, self.config.precision):
+                competitor_logits = forward_patches(self.competitor, self.grid, patches, positions)
+            divergence = jensen_shannon(competitor_logits.to(param.dtype), logits)
             loss = loss + self.config.competition_weight * (1 - divergence.clamp(0, 1))
             parts["competition_js"] = divergence.detach()
         return loss, logits, parts

@@ -223,6 +223,39 @@ def test_compiled_step_refuses_a_base_method_with_side_hooks(tiny_vit):
         SparseInverter(tiny_vit, _config(base_method="psaq", compile_step=True), progress=False)
 
 
+def test_bfloat16_precision_runs_the_teacher_in_bfloat16_and_keeps_the_pixels_float32(tiny_vit):
+    """precision="bfloat16": the teacher's matmuls run in bfloat16 (a hook sees the qkv output's dtype), the
+    pixels, Adam state, logits and images stay float32, the logits are float32's within bfloat16 rounding,
+    and one seed gives the same bits twice."""
+    seen = []
+    handle = tiny_vit.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        steps = {}
+        for precision in ("float32", "bfloat16"):
+            inverter = SparseInverter(tiny_vit, _config(precision=precision), progress=False)
+            state = inverter.state_at_stage([0, 1, 2], seed=0, stage=0)
+            with inverter.session():
+                _, logits, _ = inverter.step(state, 0)
+            steps[precision] = (logits, state)
+    finally:
+        handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    (full, _), (half, state) = steps["float32"], steps["bfloat16"]
+    assert half.dtype == state.param.dtype == state.optimizer.state[state.param]["exp_avg"].dtype == torch.float32
+    error = (half - full).abs().max() / full.abs().max()
+    assert 0 < error < 0.05  # rounded (not float32), but only at bfloat16's 8-bit mantissa
+    inverter = SparseInverter(tiny_vit, _config(precision="bfloat16"), progress=False)
+    first, second = inverter.invert([0, 1, 2]), inverter.invert([0, 1, 2])
+    assert first.images.dtype == torch.float32 and torch.equal(first.images, second.images)
+    assert torch.equal(first.patch_mask, second.patch_mask)
+
+
+def test_bfloat16_precision_refuses_a_teacher_that_is_not_float32(tiny_vit):
+    model = make_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=4, embed_dim=24, num_heads=2).double()
+    with pytest.raises(ValueError, match="precision='bfloat16'.*float64"):
+        SparseInverter(model, _config(precision="bfloat16"), progress=False)
+
+
 def test_state_at_stage_has_the_stage_kept_count_and_steps(tiny_vit):
     inverter = SparseInverter(tiny_vit, _config(), progress=False)
     counts = [inverter.state_at_stage([0, 1, 2], seed=stage, stage=stage).kept.shape[1]

@@ -1,10 +1,11 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from smi_plugin import UnsupportedModelError, forward_kept_tokens
 from smi_plugin.tokens import (PatchLevelViT, images_to_patches, indices_to_mask, mask_to_indices,
-                               patch_grid, patches_to_images, record_cls_attention)
+                               patch_grid, patches_to_images, record_cls_attention, vit_precision)
 
 from conftest import make_vit
 
@@ -127,3 +128,20 @@ def test_bad_masks_and_sizes(tiny_vit):
         forward_kept_tokens(tiny_vit, x, torch.zeros(2, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="accepts"):
         forward_kept_tokens(tiny_vit, torch.zeros(1, 3, 64, 64))
+
+
+def test_bfloat16_precision_runs_linears_in_bfloat16_and_attention_in_float32_on_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=generator).bfloat16() for _ in range(3))
+    weight = torch.randn(4, 8, generator=generator)
+    float32_attention = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).bfloat16()
+    with vit_precision("cpu", "bfloat16"):
+        attention = F.scaled_dot_product_attention(q, k, v)
+        linear = F.linear(q.float(), weight)
+    assert attention.dtype == torch.bfloat16 and torch.equal(attention, float32_attention)
+    assert linear.dtype == torch.bfloat16
+    with vit_precision("cpu", "float32"):
+        assert F.linear(q.float(), weight).dtype == torch.float32
+    with pytest.raises(ValueError, match="float16"):
+        with vit_precision("cpu", "float16"):
+            pass
