@@ -107,6 +107,7 @@ ONLINE_VARIANTS = {
     "one-hot targets": ["--soft-targets", "0"],
     "data-like priors": ["--augment", "pixel", "--tv-l2-weight", "3e-2", "--input-stats-weight", "1.0"],
     "fixed pool (no renewal)": ["--no-renew"],
+    "no replay (fresh batch only)": ["--kd-batch-size", "0"],
     "warm starts (two-class mixes)": ["--warm-start"],
     "competition term": ["--competition-weight", "1.0"],
     "three free channels": ["--no-tie-channels"],  # the zoo's grayscale teachers tie them by default

@@ -83,15 +83,15 @@ class DistillConfig(ConfigBase):
                        "full: train every weight", choices=MODES)
     source: str = option("pool", "pool: invert --num-images first, then distil; alternating: invert a batch, "
                          "take KD steps, repeat; online: a pool kept under inversion while the student learns "
-                         "(each step: --inversion-steps on one inversion batch, then KD on it plus --replay "
-                         "pool samples)", choices=SOURCES)
+                         "(each step: --inversion-steps on one inversion batch, then KD on it plus --kd-batch-size "
+                         "replayed pool samples)", choices=SOURCES)
     steps: int = option(500, "KD optimisation steps")
     minutes: float | None = option(None, "wall-clock budget in minutes instead of --steps: training stops once "
                                    "it is spent and the learning rate follows its elapsed share (a resumed run "
                                    "gets what is left; not bit-reproducible, unlike --steps)")
     epochs: float | None = option(None, "source pool: this many passes over the pool instead of --steps")
     batch_size: int = option(32, "KD batch (paper: 32); source online: the replayed samples added to the "
-                             "freshly inverted batch")
+                             "freshly inverted batch (0: no replay)")
     temperature: float = option(20.0, "KD temperature (paper: 20)")
     optimizer: str = option("sgd", "KD optimizer (paper: SGD)", choices=OPTIMIZERS)
     lr: float = option(0.1, "KD learning rate (paper: 0.1)")
@@ -120,7 +120,9 @@ class DistillConfig(ConfigBase):
         check_choice(self, "source", SOURCES)
         check_choice(self, "optimizer", OPTIMIZERS)
         check_choice(self, "lr_schedule", ("constant", "cosine"))
-        check_positive_ints(self, "steps", "batch_size", "images_per_round", "kd_steps_per_round", "pool_size",
+        if not (self.source == "online" and self.batch_size == 0):  # online: 0 replays nothing
+            check_positive_ints(self, "batch_size")
+        check_positive_ints(self, "steps", "images_per_round", "kd_steps_per_round", "pool_size",
                             "inversion_steps", "eval_every", "checkpoint_every")
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError("DistillConfig.temperature and .lr must be > 0")
@@ -377,14 +379,17 @@ class KDTrainer:
                             flip=cfg.flip, mixup=cfg.mixup)
 
     def _online_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Advance one slot of the online pool; its images plus ``batch_size`` replayed pool samples."""
+        """Advance one slot of the online pool; its images plus ``batch_size`` replayed pool samples (none
+        when 0)."""
         cfg = self.config
         self.online.inverter.competitor = self._competitor()
         fresh = self.online.advance(self.step % self.online.num_slots, cfg.inversion_steps)
         # The fresh batch is always seen; the replayed rows are drawn from the memory and every visited slot.
-        replay = self.online.sample(cfg.batch_size, generator)
-        x = torch.cat([fresh.normalized(), replay.normalized()])
-        m = torch.cat([fresh.patch_mask, replay.patch_mask])
+        parts = [fresh]
+        if cfg.batch_size:  # 0: no replay, the fresh batch alone
+            parts.append(self.online.sample(cfg.batch_size, generator))
+        x = torch.cat([part.normalized() for part in parts])
+        m = torch.cat([part.patch_mask for part in parts])
         return augment_batch(x, m, generator, flip=cfg.flip, mixup=cfg.mixup)
 
     def _competitor(self) -> nn.Module | None:

@@ -149,6 +149,24 @@ def test_a_fixed_online_pool_keeps_inverting_the_same_samples(digits):
     assert [slot.age for slot in trainer.online.slots.values()] == [10, 10] and trainer.images_seen == 16
 
 
+def test_without_replay_each_kd_batch_is_the_freshly_inverted_slot(digits, monkeypatch):
+    teacher, _, mean, std, _ = digits
+    config = DistillConfig.for_mode("full", source="online", steps=3, pool_size=16, batch_size=0, mixup=0.0,
+                                    flip=False)
+    trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, inverter=_online(teacher), progress=False)
+    seen = []
+    original = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda x, m: seen.append((x, m)) or original(x, m))
+    trainer.fit()
+    for step, (x, m) in enumerate(seen):
+        slot = trainer.online.slots[step % 2]  # slots 0, 1, 0: slot 0's images changed after step 0
+        if step > 0:
+            assert torch.equal(x, trainer.online._batch([slot]).normalized()) and torch.equal(m, slot.mask)
+    assert [len(x) for x, _ in seen] == [8, 8, 8]
+    with pytest.raises(ValueError, match="batch_size"):
+        DistillConfig(batch_size=0)  # a fixed pool has nothing but replay
+
+
 def test_a_warm_start_mixes_a_remembered_sample_of_the_class_with_one_of_another(digits):
     from smi_plugin.online import OnlinePool
 
