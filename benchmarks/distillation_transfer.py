@@ -16,7 +16,7 @@ pretrained on other real data (``--mode linear-probe``, the paper's setting) or 
     python benchmarks/distillation_transfer.py --teacher digits-vit --mode full --dense-images 512 --json kd.json
 
 ``--online MINUTES`` measures the online loop instead (``smi distill``'s default source): each of
-``--variants`` (``ONLINE_VARIANTS``: the defaults, dense, SMI stopping, one-hot targets, a fixed pool, warm
+``--variants`` (``ONLINE_VARIANTS``: the defaults, dense, random stopping, one-hot targets, a fixed pool, warm
 starts, the competition term, ...) runs ``smi distill`` with its defaults plus the variant's flags for the same
 wall-clock budget, ``--jobs`` at a time with one thread each (equal CPU per variant), and the table
 reports student top-1 against minutes of training (wall clock, evaluations included):
@@ -100,9 +100,9 @@ def distil(args, teacher, batches, test, mean, std) -> dict:
 
 # smi distill flags of each online variant, on top of the command's defaults.
 ONLINE_VARIANTS = {
-    "defaults (sparse, renewed pool)": [],  # random stopping, Dirichlet soft targets (scale 0.3)
+    "defaults (sparse, renewed pool)": [],  # SMI stopping, Dirichlet soft targets (scale 0.3)
     "dense": ["--schedule", "dense"],
-    "SMI stopping": ["--selection", "smi"],
+    "random stopping": ["--selection", "random"],
     "rebirth": ["--selection", "rebirth"],
     "one-hot targets": ["--soft-targets", "0"],
     "data-like priors": ["--augment", "pixel", "--tv-l2-weight", "3e-2", "--input-stats-weight", "1.0"],
