@@ -154,7 +154,7 @@ class InversionConfig(ConfigBase):
     log_every: int = option(10, "iterations between loss records (history and callback)")
     compile_step: bool = option(False, "torch.compile the step's forward, loss and backward (CUDA graphs on "
                                 "a GPU); the first steps of each kept count pay the compilation")
-    precision: str = option("float32", "the teacher's matmuls: float32, or bfloat16 autocast (2-3x faster on "
+    precision: str = option("float32", "the teacher's matmuls: float32, or bfloat16 autocast (about 2x faster on "
                             "large ViTs where the hardware multiplies bfloat16: AMX CPUs, recent GPUs; slower "
                             "elsewhere and on small ViTs); pixels, Adam, priors and losses stay float32",
                             choices=PRECISIONS)
