@@ -306,7 +306,7 @@ def cls_attention_scores(attn: nn.Module, x: torch.Tensor, num_prefix_tokens: in
 class _Float32Attention(TorchFunctionMode):
     """Runs ``F.scaled_dot_product_attention`` in float32 inside a bfloat16 autocast and hands back the
     inputs' dtype. On the CPU, torch's bfloat16 flash-attention backward is slower than its float32 one
-    (on DeiT-Base at 137 tokens, slower than at 196), while the linear layers gain about 2x from bfloat16."""
+    (on DeiT-Base no faster at 137 tokens than at 196), while the linear layers gain about 2x from bfloat16."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
