@@ -349,18 +349,21 @@ class SparseInverter:
         """``(loss, logits, parts)`` of one step: the base method's loss on the logits of ``patches`` at
         ``positions`` and on the whole image (``priors`` bound to ``param``), plus the competition
         term. Tensors in, tensors out: the part ``compile_step`` compiles."""
-        with vit_precision(self.device.type, self.config.precision):
-            logits = forward_patches(self.model, self.grid, patches, positions, position_cache)
-        logits = logits.to(param.dtype)
+        logits = self._logits(self.model, patches, positions, position_cache)
         image_priors = None if priors is None else priors.bind(param, with_abs=self.config.tv_l1_weight > 0)
         loss, parts = self.method.loss(logits, labels, image_priors)
         if self.config.competition_weight > 0 and self.competitor is not None:
-            with vit_precision(self.device.type, self.config.precision):
-                competitor_logits = forward_patches(self.competitor, self.grid, patches, positions)
-            divergence = jensen_shannon(competitor_logits.to(param.dtype), logits)
+            divergence = jensen_shannon(self._logits(self.competitor, patches, positions), logits)
             loss = loss + self.config.competition_weight * (1 - divergence.clamp(0, 1))
             parts["competition_js"] = divergence.detach()
         return loss, logits, parts
+
+    def _logits(self, model: nn.Module, patches: torch.Tensor, positions: torch.Tensor,
+                position_cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``model``'s logits on the patches at ``config.precision``, handed back in the pixels' dtype."""
+        with vit_precision(self.device.type, self.config.precision):
+            logits = forward_patches(model, self.grid, patches, positions, position_cache)
+        return logits.to(self.dtype)
 
     @contextmanager
     def session(self) -> Iterator[None]:
