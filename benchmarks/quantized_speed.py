@@ -1,8 +1,11 @@
 """Is the quantized model faster, and smaller? CPU latency and serialized size of five variants.
 
-Variants: FP32 eager, FP32 compiled (inductor, freezing), int8 compiled (our pt2e path: kept-token
-calibration, convert_pt2e, inductor freezing -> oneDNN int8 kernels), ONNX Runtime FP32 and ONNX
-Runtime int8 (QDQ, per-channel weights, calibrated on the same retained tokens). Latency is the
+Variants: FP32 eager, FP32 compiled (inductor, freezing), bf16 compiled (the FP32 model under
+bfloat16 autocast, compiled alike: what a CPU with native bfloat16 gives without quantizing), int8
+compiled (our pt2e path: kept-token calibration, convert_pt2e, inductor freezing -> oneDNN int8
+kernels; the ops left unquantized in ``--unquantized-precision``, by default bfloat16 where the CPU
+computes it natively, as ``smi quantize`` saves it), ONNX Runtime FP32 and ONNX Runtime int8 (QDQ,
+per-channel weights, calibrated on the same retained tokens). Latency is the
 median over ``--repeats`` timed calls after ``--warmup`` calls (the first call compiles), per batch
 size. Sizes: FP32 ``torch.save`` state dict, ``model.pt2``, the two ONNX files.
 
@@ -39,7 +42,7 @@ from smi_plugin.images import model_normalization, normalize  # noqa: E402
 from smi_plugin.zoo import load_card, zoo_names  # noqa: E402
 
 DEFAULT_MODELS = "digits-vit,fashion-mnist-vit,deit_tiny_patch16_224,deit_small_patch16_224"
-VARIANTS = ("fp32 eager", "fp32 compiled", "int8 compiled", "ort fp32", "ort int8")
+VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "int8 compiled", "ort fp32", "ort int8")
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -73,7 +76,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     from smi_plugin.integrations.deploy import (FrozenCompiled, compile_quantized, export_quantized, timed_calls,
                                                 write_program)
     from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
-    from smi_plugin.integrations.torchao import quantize_with_inverted_data
+    from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
 
     # Each model's compiled FP32 forward is VisionTransformer.forward again: without a reset, dynamo's
     # per-code recompile limit is reached after a few models and batch sizes and it silently runs eager.
@@ -87,8 +90,10 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
              "onnx fp32": workdir / f"{name}.onnx", "onnx int8": workdir / f"{name}.int8.onnx"}
     torch.save(model.state_dict(), files["fp32 state dict"])
     write_program(program, files["model.pt2"])
+    precision = InvertedPTQConfig(unquantized_precision=args.unquantized_precision).resolved_unquantized_precision
     variants: dict[str, Callable] = {"fp32 eager": model, "fp32 compiled": FrozenCompiled(model),
-                                     "int8 compiled": compile_quantized(program)}
+                                     "bf16 compiled": FrozenCompiled(model, torch.bfloat16),
+                                     "int8 compiled": compile_quantized(program, precision)}
     if not args.skip_ort:
         export_patch_onnx(model, files["onnx fp32"])
         quantize_onnx(files["onnx fp32"], files["onnx int8"], KeptTokenDataReader(data, model))
@@ -96,6 +101,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
         variants["ort int8"] = OrtViT(files["onnx int8"], model, threads=torch.get_num_threads())
     shape = tuple(data.pixel_values.shape[1:])
     result: dict[str, Any] = {"model": name, "input": list(shape), "quantize_seconds": quantize_seconds,
+                              "int8_unquantized_precision": precision,
                               "calibration": data.source, "calibration_images": len(data),
                               "sizes_bytes": {k: p.stat().st_size for k, p in files.items() if p.exists()},
                               "latency": {}}
@@ -120,7 +126,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for result in results:
         sizes = result["sizes_bytes"]
         fp32 = sizes.get("fp32 state dict", 1)
-        lines.append(f"{result['model']} {tuple(result['input'])}: sizes " + ", ".join(
+        lines.append(f"{result['model']} {tuple(result['input'])}, int8 with {result['int8_unquantized_precision']} "
+                     "unquantized ops: sizes " + ", ".join(
             f"{k} {v / 1e6:.2f} MB ({100 * v / fp32:.0f}%)" for k, v in sizes.items()))
         header = ["batch"] + [v for v in VARIANTS if v in next(iter(result["latency"].values()))]
         table = [header]
@@ -133,7 +140,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
         batch, rows = list(result["latency"].items())[-1]
         lines.append(f"  vs FP32 at batch {batch} ({result['inputs']} inputs): " + ", ".join(
             f"{v} {rows[v]['sqnr_db_vs_fp32']:.1f} dB SQNR / {100 * rows[v]['agreement_vs_fp32']:.0f}% top-1 agreement"
-            for v in ("int8 compiled", "ort int8") if v in rows))
+            for v in ("bf16 compiled", "int8 compiled", "ort int8") if v in rows))
     lines.append("latency: median per batch (speed-up over FP32 eager); noisy unless the machine is quiet")
     return "\n".join(lines)
 
@@ -149,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=100, help="inversion iterations (zoo teachers)")
     parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime variants")
+    parser.add_argument("--unquantized-precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="the int8 model's unquantized ops (default: %(default)s, as smi quantize)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

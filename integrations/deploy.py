@@ -5,7 +5,8 @@ is wrapped as a dense-image model (normalized images ``(B, C, H, W)`` -> logits,
 re-exported with ``torch.export`` (the int8 weights are folded graph constants; the FP32 weights
 are not kept) and saved as ``DIR/model.pt2`` beside a JSON card ``DIR/card.json``.
 ``load_quantized(DIR)`` returns the module compiled by inductor with ``freezing`` on, as torchao's
-X86 inductor tutorial does, so its linears run oneDNN int8 kernels.
+X86 inductor tutorial does, so its linears run oneDNN int8 kernels; on CPUs with native bfloat16 the
+ops left unquantized run in bfloat16 (the tutorial's int8-mixed-bf16), as the card records.
 
 Example:
     >>> qmodel = quantize_with_inverted_data(teacher, data, "w8a8")
@@ -114,16 +115,22 @@ def _device_of(module: nn.Module) -> torch.device:
 
 class FrozenCompiled(nn.Module):
     """``module`` compiled by inductor with ``freezing`` on: the int8 program's runtime form, and the
-    fair FP32 baseline it is compared with.
+    fair FP32 (or bfloat16) baseline it is compared with.
+
+    Args:
+        module: maps a batch to a batch.
+        autocast_dtype: ``torch.bfloat16`` runs the ops autocast covers in bfloat16 (for a quantized
+            program, torchao's int8-mixed-bf16: the int8 kernels stay int8, the float ops around them
+            turn bfloat16); ``None`` keeps float32. Outputs are returned as float32 either way.
 
     Compilation happens on the first call of each batch size (tens of seconds on a small CPU);
     shapes are static so results never depend on which batch sizes were seen before.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.eager = module
-        self._compiled = torch.compile(module, dynamic=False)
+        self.eager = module if autocast_dtype is None else _Autocast(module, autocast_dtype)
+        self._compiled = torch.compile(self.eager, dynamic=False)
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -134,16 +141,35 @@ class FrozenCompiled(nn.Module):
             return self._compiled(pixel_values)
 
 
+class _Autocast(nn.Module):
+    """``module`` under CPU autocast to ``dtype``, returning float32 (traced by dynamo as one graph)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(pixel_values.device.type, dtype=self.dtype):
+            return self.module(pixel_values).float()
+
+
 def _register_x86_lowering() -> None:
     # Importing the X86 quantizer registers torchao's inductor passes (q/dq -> onednn.qlinear).
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
 
-def compile_quantized(program: torch.export.ExportedProgram | nn.Module) -> FrozenCompiled:
-    """The int8-kernel module of an exported quantized program (or of its ``.module()``)."""
+def compile_quantized(program: torch.export.ExportedProgram | nn.Module,
+                      unquantized_precision: str = "float32") -> FrozenCompiled:
+    """The int8-kernel module of an exported quantized program (or of its ``.module()``).
+
+    ``unquantized_precision``: ``"float32"`` or ``"bfloat16"`` (torchao's int8-mixed-bf16) for the ops
+    left unquantized; a saved model's card records which one its accuracy was measured with.
+    """
+    if unquantized_precision not in ("float32", "bfloat16"):
+        raise ValueError(f"unquantized_precision must be 'float32' or 'bfloat16', got {unquantized_precision!r}")
     module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     _register_x86_lowering()
-    return FrozenCompiled(module)
+    return FrozenCompiled(module, torch.bfloat16 if unquantized_precision == "bfloat16" else None)
 
 
 def save_quantized(program: torch.export.ExportedProgram, directory: str | os.PathLike, card: dict[str, Any]) -> Path:
@@ -226,8 +252,9 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
 
     Args:
         directory: an output of ``smi quantize --out`` / ``save_quantized``.
-        compile: return the inductor-compiled int8 module (default); ``False`` gives the eager
-            exported module (q/dq simulation, slow, for debugging).
+        compile: return the inductor-compiled int8 module (default), its unquantized ops in the card's
+            ``unquantized_precision``; ``False`` gives the eager exported module (float32 q/dq
+            simulation, slow, for debugging).
 
     Raises:
         QuantizedModelError: missing files, another format, or saved under other torch/torchao versions.
@@ -240,7 +267,10 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
                                   f"{here['torchao']}; re-run 'smi quantize' with these versions")
     _register_x86_lowering()  # the program holds torchao's quantize/dequantize ops
     program = torch.export.load(Path(directory) / MODEL_FILE)
-    return compile_quantized(program) if compile else program.module()
+    if not compile:
+        return program.module()
+    # the precision the card's accuracy was measured with (models saved before it was recorded: float32)
+    return compile_quantized(program, card.get("unquantized_precision", "float32"))
 
 
 def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, repeats: int = 5,
@@ -279,8 +309,9 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
         eval_batch_size: evaluation batch size (recorded: it picks the compiled kernels).
         calibration: provenance for the card (source, images, seed, inversion config).
         teacher_name: the name recorded in the card.
-        **options: the other ``InvertedPTQConfig`` fields (``percentile``, ``batch_size``, ``max_samples``),
-            recorded in the card.
+        **options: the other ``InvertedPTQConfig`` fields (``percentile``, ``batch_size``, ``max_samples``,
+            ``unquantized_precision``), recorded in the card (the resolved precision as
+            ``unquantized_precision``).
 
     Returns:
         ``(program, compiled module, card)``; save with ``save_quantized(program, DIR, card)``.
@@ -294,11 +325,13 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
     qmodel = quantize_with_inverted_data(teacher, dataset, scheme, backend=backend, coverage=coverage,
                                          range_estimator=range_estimator, **options)
     program = export_quantized(qmodel)
-    compiled = compile_quantized(program)
+    precision = qmodel.config.resolved_unquantized_precision
+    compiled = compile_quantized(program, precision)
     card: dict[str, Any] = {
         "teacher": teacher_name or teacher.pretrained_cfg.get("zoo_name") or teacher.pretrained_cfg.get("architecture"),
         "scheme": scheme, "backend": backend, "coverage": coverage,
         "range_estimator": resolve_range_estimator(range_estimator, scheme),
+        "unquantized_precision": precision,
         "ptq_options": dict(options),
         "input": {"shape": ["B", qmodel.grid.in_chans, *qmodel.grid.image_size],
                   "normalization": dict(zip(("mean", "std"), map(list, model_normalization(teacher))))},

@@ -36,6 +36,7 @@ SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a6": (8, 6), "w4a4": (4, 4)}
 BACKENDS = ("pt2e", "quantize_")
 COVERAGES = ("linear", "full")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
+UNQUANTIZED_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def resolve_range_estimator(estimator: str, scheme: str) -> str:
@@ -48,6 +49,13 @@ def resolve_range_estimator(estimator: str, scheme: str) -> str:
     if estimator != "auto":
         return estimator
     return "minmax" if SCHEMES[scheme][1] >= 8 else "mse"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), where torchao's
+    int8-mixed-bf16 runs faster than int8 with float32 elsewhere; without them bfloat16 is emulated."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 @dataclass
@@ -69,6 +77,10 @@ class InvertedPTQConfig(ConfigBase):
     percentile: float = option(99.99, "upper percentile of --range-estimator percentile (the lower is 100 - it)")
     batch_size: int = option(32, "calibration images per forward")
     max_samples: int = option(1 << 20, "values kept per observer for the percentile/mse estimators")
+    unquantized_precision: str = option("auto", "the saved model's ops that stay unquantized (attention, softmax, "
+                                        "LayerNorm, GELU, residual adds): float32, bfloat16 (torchao's "
+                                        "int8-mixed-bf16), or auto (bfloat16 where the CPU computes it natively: "
+                                        "AVX512-BF16 or AMX; else float32)", choices=UNQUANTIZED_PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -87,6 +99,16 @@ class InvertedPTQConfig(ConfigBase):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.unquantized_precision not in UNQUANTIZED_PRECISIONS:
+            raise ValueError(f"unknown unquantized_precision {self.unquantized_precision!r}; use one of "
+                             f"{UNQUANTIZED_PRECISIONS}")
+
+    @property
+    def resolved_unquantized_precision(self) -> str:
+        """``unquantized_precision`` with ``auto`` resolved for this machine's CPU."""
+        if self.unquantized_precision != "auto":
+            return self.unquantized_precision
+        return "bfloat16" if native_bfloat16() else "float32"
 
     @property
     def resolved_range_estimator(self) -> str:

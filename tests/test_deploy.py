@@ -24,7 +24,8 @@ from smi_plugin.images import model_normalization, normalize
 from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, QuantizedModelError, check_deployable,
                                             compile_quantized, export_quantized, load_quantized, save_quantized,
                                             write_program)
-from smi_plugin.integrations.torchao import quantize_with_inverted_data
+from smi_plugin.evaluation import sqnr_db
+from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 EVAL_IMAGES = 200
@@ -64,6 +65,7 @@ def test_the_card_describes_the_model(cli_output):
     card = json.loads((cli_output / CARD_FILE).read_text())
     assert card["format"] == FORMAT and card["scheme"] == "w8a8" and card["backend"] == "pt2e"
     assert card["teacher"] == "digits-vit" and card["coverage"] == "linear" and card["range_estimator"] == "minmax"
+    assert card["unquantized_precision"] == InvertedPTQConfig().resolved_unquantized_precision
     assert card["calibration"]["source"] == "sparse-inverted" and card["calibration"]["images"] == 16
     assert card["calibration"]["seed"] == 0 and card["calibration"]["inversion"]["iterations"] == 20
     assert card["calibration"]["kept_fraction"] < 0.5
@@ -108,6 +110,30 @@ def test_loaded_model_equals_the_in_memory_one_bit_for_bit(in_memory, real_image
         assert torch.equal(fast(real_images), compiled(real_images))
         # the compiled int8 kernels stay close to the eager q/dq simulation
         assert torch.nn.functional.cosine_similarity(fast(real_images), eager_loaded).min() > 0.99
+
+
+def test_int8_mixed_bfloat16_runs_the_float_ops_in_bfloat16_and_tracks_float32(in_memory, real_images):
+    program, float32_ops, _ = in_memory
+    mixed = compile_quantized(program, "bfloat16")
+    with torch.no_grad():
+        reference, out = float32_ops(real_images), mixed(real_images)
+    assert out.dtype == torch.float32
+    assert not torch.equal(out, reference)  # the unquantized ops did run in bfloat16
+    assert sqnr_db(reference, out) > 25
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() >= 0.95
+    with pytest.raises(ValueError, match="unquantized_precision"):
+        compile_quantized(program, "float16")
+
+
+def test_auto_unquantized_precision_follows_the_cpu(monkeypatch):
+    import smi_plugin.integrations.torchao as torchao_adapter
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torchao_adapter, "native_bfloat16", lambda native=native: native)
+        assert InvertedPTQConfig().resolved_unquantized_precision == expected
+        assert InvertedPTQConfig(unquantized_precision="float32").resolved_unquantized_precision == "float32"
+    with pytest.raises(ValueError, match="unquantized_precision"):
+        InvertedPTQConfig(unquantized_precision="float16")
 
 
 def test_the_same_program_saves_to_the_same_bytes(in_memory, tmp_path):

@@ -23,9 +23,11 @@ def test_quantized_speed_reports_latency_and_sizes(tmp_path):
     report = json.loads(out.read_text())
     (digits,) = report["results"]
     rows = digits["latency"]["4"]
-    assert set(rows) == {"fp32 eager", "fp32 compiled", "int8 compiled", "ort fp32", "ort int8"}
+    assert set(rows) == {"fp32 eager", "fp32 compiled", "bf16 compiled", "int8 compiled", "ort fp32", "ort int8"}
+    assert digits["int8_unquantized_precision"] in ("float32", "bfloat16")
     assert all(r["median_s"] > 0 for r in rows.values())
     assert rows["fp32 compiled"]["sqnr_db_vs_fp32"] > 60 and rows["ort fp32"]["sqnr_db_vs_fp32"] > 60
+    assert 30 < rows["bf16 compiled"]["sqnr_db_vs_fp32"] < 60  # bfloat16 rounding: close, not equal
     # Judged on real held-out digits (within the calibrated ranges): the int8 logits track FP32's.
     assert digits["inputs"] == "real held-out"
     assert rows["int8 compiled"]["sqnr_db_vs_fp32"] > 25 and rows["ort int8"]["sqnr_db_vs_fp32"] > 12

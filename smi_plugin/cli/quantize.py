@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
     args.scheme, args.backend, args.coverage, args.range_estimator = ptq.scheme, ptq.backend, ptq.coverage, \
         ptq.range_estimator
     args.ptq_options = {"percentile": ptq.percentile, "batch_size": ptq.batch_size, "max_samples": ptq.max_samples}
+    args.unquantized_precision = ptq.unquantized_precision  # the saved model's; --compare judges q/dq simulation
     if args.compare:
         return run_compare(args)
     if not args.out:  # a useful default: the model lands where the summary says, never over a user's folder
@@ -100,8 +101,7 @@ def run_deploy(args: argparse.Namespace) -> None:
         program, _, card = quantize_for_deployment(
             teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
             backend=args.backend, test_split=test, eval_images=args.eval_images, calibration=provenance,
-            **args.ptq_options,
-            teacher_name=args.teacher)
+            unquantized_precision=args.unquantized_precision, **args.ptq_options, teacher_name=args.teacher)
         out = save_quantized(program, args.out, card)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
@@ -114,7 +114,8 @@ def format_summary(card: dict, out) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
     lines = [f"saved {card['scheme']} int8 model of {card['teacher']} to {out}/model.pt2 "
-             f"({card['files']['model.pt2'] / 1e6:.2f} MB) with card.json",
+             f"({card['files']['model.pt2'] / 1e6:.2f} MB) with card.json; unquantized ops in "
+             f"{card['unquantized_precision']}",
              f"calibration: {card['calibration']['images']} {card['calibration']['source']} images "
              f"(kept fraction {card['calibration']['kept_fraction']:.2f})"]
     if card.get("evaluation"):
