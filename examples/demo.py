@@ -6,11 +6,15 @@
 2. Invert calibration images densely and sparsely (same iterations), timing both.
 3. Quantize the teacher with torchao (W8/A8, W4/A8) calibrated on Gaussian noise, dense and sparse
    inversions (and real images, the reference a data-free user lacks); evaluate on real images.
-4. Distil: the paper's setting, a student sharing the teacher's pretrained backbone learns a new
-   head from inverted images only (dense vs sparse pools of equal size).
-5. Export the sparse inversions as a Hugging Face dataset.
-6. Print one summary table and write pictures: image grids (stopped patches black), one image's
-   stopping stages, and the distillation learning curves.
+4. The deployable int8 model: W8/A8 calibrated on the sparse inversions, lowered to int8 kernels,
+   saved as ``OUT/int8/model.pt2`` + ``card.json``, loaded back and timed against compiled FP32.
+5. Distil with ``smi distill``'s defaults (the paper's setting: a student sharing the teacher's
+   pretrained backbone learns a new head from inverted images only, inverted online with SMI
+   stopping while it learns), for a few minutes; the student is saved to ``OUT/student`` and loaded
+   back with ``load_teacher``.
+6. Export the sparse inversions as a Hugging Face dataset.
+7. Print one summary table and write pictures: image grids (stopped patches black), one image's
+   stopping stages, the inversion loss and the student's learning curve.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from smi_plugin.batch import balanced_labels
 from smi_plugin.config import InversionConfig
 from smi_plugin.data import load_split
 from smi_plugin.evaluation import evaluate_accuracy
-from smi_plugin.images import model_normalization
+from smi_plugin.images import model_normalization, normalize
 from smi_plugin.inverter import SparseInverter
 from smi_plugin.io import atomic_write_text
 from smi_plugin.visualize import save_curves, save_grid, save_stage_strip
@@ -45,16 +49,17 @@ class DemoConfig:
     kd_backbone: str = "fashion-mnist-backbone"
     iterations: int = 400
     calibration_images: int = 32
-    kd_images: int = 256
-    kd_iterations: int = 200
-    kd_steps: int = 300
+    kd_minutes: float = 4.0
+    kd_flags: tuple[str, ...] = ()
+    timing_batch: int = 100
     eval_images: int | None = None
     schemes: tuple[str, ...] = ("w8a8", "w4a8")
 
     @classmethod
     def quick(cls) -> "DemoConfig":
-        return cls(iterations=40, calibration_images=16, kd_images=32, kd_iterations=20, kd_steps=20,
-                   eval_images=500, schemes=("w8a8",))
+        return cls(iterations=40, calibration_images=16, kd_minutes=0.0, timing_batch=16, eval_images=500,
+                   kd_flags=("--steps", "8", "--pool-size", "32", "--batch-size", "16", "--iterations", "8",
+                             "--kd-batch-size", "16", "--eval-every", "4"), schemes=("w8a8",))
 
 
 def inversion_config(iterations: int, sparse: bool, seed: int = 0) -> InversionConfig:
@@ -79,14 +84,14 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": asdict(config)}
-    print("(1/5) teacher on real held-out images")
+    print("(1/6) teacher on real held-out images")
     teacher = load_teacher(config.teacher)
     mean, std = model_normalization(teacher)
     dataset = load_card(config.teacher)["dataset"]
     train, test = load_split(dataset, "train"), _heldout(dataset, config.eval_images)
     results["teacher_top1"] = evaluate_accuracy(teacher, test, mean, std)
 
-    print("(2/5) inverting calibration images, dense and sparse")
+    print("(2/6) inverting calibration images, dense and sparse")
     labels = balanced_labels(config.calibration_images, int(teacher.num_classes))
     dense, dense_s = _timed_inversion(teacher, config.iterations, False, labels, seed=0)
     sparse, sparse_s = _timed_inversion(teacher, config.iterations, True, labels, seed=0, snapshots=True)
@@ -110,17 +115,20 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
                  "sparse": [(r["iteration"], r["loss"]) for r in sparse.history]},
                 out / "inversion_loss.png", xlabel="iteration", ylabel="loss", title="Inversion loss")
 
-    print("(3/5) torchao PTQ calibrated on each source, evaluated on real held-out images")
+    print("(3/6) torchao PTQ calibrated on each source, evaluated on real held-out images")
     report = compare_calibrations(teacher, test, train, sources=("gaussian", "dense", "sparse", "real"),
                                   schemes=config.schemes, coverages=("linear",), seeds=(0,),
                                   num_calibration=config.calibration_images,
                                   inversion=inversion_config(config.iterations, True))
     results["quantization"] = report["summary"]
 
-    print("(4/5) data-free distillation (student = pretrained backbone + new head)")
+    print("(4/6) the deployable int8 model: saved, loaded back, timed against compiled FP32")
+    results["deployment"] = _deploy(teacher, sparse, test, config, out / "int8")
+
+    print("(5/6) data-free distillation with smi distill's defaults (student = pretrained backbone + new head)")
     results["distillation"] = _distill(config, out)
 
-    print("(5/5) exporting the sparse inversions as a Hugging Face dataset")
+    print("(6/6) exporting the sparse inversions as a Hugging Face dataset")
     manifest = {"format": FORMAT, "teacher": config.teacher, "mean": list(mean), "std": list(std),
                 "class_names": list(test.class_names), "num_classes": int(teacher.num_classes),
                 "config": inversion_config(config.iterations, True).to_dict()}
@@ -136,26 +144,44 @@ def _heldout(dataset: str, eval_images: int | None):
     return test.subset(torch.arange(len(test)) < eval_images) if eval_images else test
 
 
-def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
-    from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
+def _deploy(teacher, sparse, test, config: DemoConfig, directory: Path) -> dict[str, Any]:
+    """W8/A8 calibrated on the sparse inversions' retained tokens, saved, loaded back and timed."""
+    from smi_plugin import load_quantized
+    from smi_plugin.calibration import SparseInvertedCalibrationDataset
+    from smi_plugin.integrations.deploy import FrozenCompiled, quantize_for_deployment, save_quantized, timed_calls
 
-    teacher, backbone = load_teacher(config.kd_teacher), load_teacher(config.kd_backbone)
-    test = _heldout(load_card(config.kd_teacher)["dataset"], config.eval_images)
+    data = SparseInvertedCalibrationDataset.from_batches([sparse])
+    program, _, card = quantize_for_deployment(teacher, data, "w8a8", test_split=test, teacher_name=config.teacher,
+                                               calibration={"seed": 0, "inversion": sparse.provenance.get("config")})
+    save_quantized(program, directory, card)
+    loaded = load_quantized(directory)
     mean, std = model_normalization(teacher)
-    labels = balanced_labels(config.kd_images, int(teacher.num_classes))
-    curves, result = {}, {"teacher_top1": evaluate_accuracy(teacher, test, mean, std)}
-    for name, sparse in (("dense", False), ("sparse", True)):
-        pool, seconds = _timed_inversion(teacher, config.kd_iterations, sparse, labels, seed=1)
-        student = linear_probe_student(backbone, int(teacher.num_classes))
-        kd = DistillConfig(mode="linear-probe", steps=config.kd_steps, eval_every=max(1, config.kd_steps // 10),
-                           checkpoint_every=config.kd_steps)
-        history = KDTrainer(teacher, student, kd, test, mean, std, out_dir=out / f"kd_{name}").fit([pool])
-        curves[f"{name} inversion"] = history["eval"]
-        result[name] = {"student_top1": history["eval"][-1][1],
-                        "inversion_seconds": seconds, "images": len(labels)}
-    save_curves(curves, out / "distillation_curves.png", xlabel="KD step", ylabel="top-1 on real held-out",
-                references={"teacher": result["teacher_top1"], "chance": 1 / int(teacher.num_classes)},
-                title="Linear probe from inverted images only")
+    images = normalize(test.images(torch.arange(config.timing_batch) % len(test)), mean, std)
+    fp32 = timed_calls(FrozenCompiled(teacher), images, repeats=10, warmup=2)[0]["median_s"]
+    int8 = timed_calls(loaded, images, repeats=10, warmup=2)[0]["median_s"]
+    return {"directory": str(directory), "card": card, "reloaded_top1": evaluate_accuracy(loaded, test, mean, std),
+            "fp32_state_dict_bytes": sum(t.numel() * t.element_size() for t in teacher.state_dict().values()),
+            "timing_batch": config.timing_batch, "fp32_compiled_seconds": fp32, "int8_seconds": int8}
+
+
+def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
+    """``smi distill --teacher KD_TEACHER --minutes M --out OUT/student`` (its defaults otherwise), then
+    the saved student loaded back with ``load_teacher`` and evaluated on the real held-out images."""
+    from smi_plugin.cli import main as smi
+
+    directory, summary = out / "student", out / "student.json"
+    length = ["--minutes", str(config.kd_minutes)] if config.kd_minutes else []
+    smi(["distill", "--teacher", config.kd_teacher, *length, *config.kd_flags, "--out", str(directory),
+         "--json", str(summary)])
+    result = json.loads(summary.read_text())
+    student = load_teacher(str(directory))
+    test = load_split(load_card(config.kd_teacher)["dataset"], "test")  # the whole split, as smi distill judges
+    result["reloaded_top1"] = evaluate_accuracy(student, test, *model_normalization(student))
+    result["directory"] = str(directory)
+    save_curves({"student (online SMI inversion)": [(minutes, accuracy) for (_, minutes), (_, accuracy) in zip(result["curve_minutes"], result["curve"])]},
+                out / "distillation_curves.png", xlabel="minutes", ylabel="top-1 on real held-out",
+                references={"teacher": result["teacher_accuracy"], "chance": result["chance_accuracy"]},
+                title="Data-free linear probe: student from inverted images only")
     return result
 
 
@@ -175,9 +201,19 @@ def format_summary(results: dict[str, Any]) -> str:
         cells = [f"{r['source']} {100 * r['top1_mean']:.2f}% / {r['sqnr_mean']:.1f}dB"
                  for r in results["quantization"] if r["scheme"] == scheme]
         lines.append(f"    {scheme}: " + " | ".join(cells))
-    lines.append(f"  data-free KD (linear probe), teacher {100 * kd['teacher_top1']:.2f}%: student from dense "
-                 f"inversions {100 * kd['dense']['student_top1']:.2f}%, from sparse {100 * kd['sparse']['student_top1']:.2f}% "
-                 f"({kd['sparse']['images']} images each)")
+    dep, card = results["deployment"], results["deployment"]["card"]
+    lines.append(f"  deployable int8 (W8A8, unquantized ops {card['unquantized_precision']}): "
+                 f"{dep['directory']}/model.pt2 {card['files']['model.pt2'] / 1e6:.2f} MB "
+                 f"({100 * card['files']['model.pt2'] / dep['fp32_state_dict_bytes']:.0f}% of FP32); top-1 "
+                 f"{100 * card['quantized_accuracy']:.2f}% (FP32 {100 * card['fp32_accuracy']:.2f}%), reloaded "
+                 f"{100 * dep['reloaded_top1']:.2f}%; batch {dep['timing_batch']}: FP32 compiled "
+                 f"{1000 * dep['fp32_compiled_seconds']:.1f} ms, int8 {1000 * dep['int8_seconds']:.1f} ms -> "
+                 f"{dep['fp32_compiled_seconds'] / dep['int8_seconds']:.2f}x faster")
+    status = "FAILED (near chance)" if kd["failed"] else "saved"
+    lines.append(f"  data-free KD ({kd['mode']}, {kd['source']} inversion, {kd['curve_minutes'][-1][1]:.1f} min, "
+                 f"{kd['inverted_images']} distinct images): student {100 * kd['student_accuracy']:.2f}% "
+                 f"(teacher {100 * kd['teacher_accuracy']:.2f}%), {status} to {kd['directory']}, reloaded "
+                 f"{100 * kd['reloaded_top1']:.2f}%")
     return "\n".join(lines)
 
 
@@ -194,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print()
     print(format_summary(results))
     print(f"\npictures: {out}/inverted_sparse.png, inverted_dense.png, stopping_stages.png, inversion_loss.png, "
-          f"distillation_curves.png; dataset: {out}/dataset; all numbers: {out}/results.json "
+          f"distillation_curves.png; int8 model: {out}/int8; student: {out}/student; dataset: {out}/dataset; "
+          f"all numbers: {out}/results.json "
           f"({time.perf_counter() - started:.0f}s)")
     return results
 

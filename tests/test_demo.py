@@ -1,4 +1,5 @@
-"""The main job end to end (quick sizes): every stage runs and every picture is written."""
+"""The main job end to end (quick sizes): every stage runs, every picture is written, and it ends in a
+saved int8 model and a saved student that load back and reproduce their held-out accuracy."""
 
 import json
 import os
@@ -22,6 +23,13 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["teacher_top1"] > 0.7
     assert {r["source"] for r in results["quantization"]} == {"gaussian", "dense", "sparse", "real"}
+    deployment = results["deployment"]
+    assert (tmp_path / "int8" / "model.pt2").stat().st_size < 0.35 * deployment["fp32_state_dict_bytes"]
+    assert deployment["reloaded_top1"] == deployment["card"]["quantized_accuracy"]
+    assert deployment["card"]["agreement"] >= 0.9
+    student = results["distillation"]
+    assert (tmp_path / "student" / "student.safetensors").exists() and student["mode"] == "linear-probe"
+    assert student["reloaded_top1"] == student["student_accuracy"]
     import datasets
 
     assert len(datasets.load_from_disk(str(tmp_path / "dataset"))) == 16
