@@ -270,7 +270,15 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
     if not compile:
         return program.module()
     # the precision the card's accuracy was measured with (models saved before it was recorded: float32)
-    return compile_quantized(program, card.get("unquantized_precision", "float32"))
+    precision = card.get("unquantized_precision", "float32")
+    if precision == "bfloat16":
+        from .torchao import native_bfloat16
+
+        if not native_bfloat16():
+            logger.warning("%s runs its unquantized ops in bfloat16, which this CPU emulates (no AVX512-BF16/AMX): "
+                           "same results, slower; re-run 'smi quantize --unquantized-precision float32' here for "
+                           "speed", directory)
+    return compile_quantized(program, precision)
 
 
 def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, repeats: int = 5,

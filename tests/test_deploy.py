@@ -172,6 +172,24 @@ def test_other_versions_and_foreign_directories_get_one_line_errors(in_memory, t
         load_quantized(tmp_path)
 
 
+def test_a_bfloat16_card_loads_in_bfloat16_and_warns_where_the_cpu_emulates_it(in_memory, tmp_path, monkeypatch,
+                                                                                  caplog):
+    import smi_plugin.integrations.torchao as torchao_adapter
+
+    _, _, directory = in_memory
+    mixed = tmp_path / "mixed"
+    shutil.copytree(directory, mixed)
+    card = json.loads((mixed / CARD_FILE).read_text())
+    (mixed / CARD_FILE).write_text(json.dumps({**card, "unquantized_precision": "bfloat16"}))
+    monkeypatch.setattr(torchao_adapter, "native_bfloat16", lambda: False)
+    with caplog.at_level("WARNING"):
+        module = load_quantized(mixed)  # compiles lazily: nothing runs here
+    assert module.eager.dtype == torch.bfloat16
+    assert "emulates" in caplog.text and "--unquantized-precision float32" in caplog.text
+    caplog.clear()
+    assert not hasattr(load_quantized(directory).eager, "dtype") and not caplog.text  # float32 card: no autocast
+
+
 def test_out_that_is_not_ours_is_refused_before_any_work(tmp_path, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
