@@ -122,6 +122,10 @@ def format_summary(card: dict, out) -> str:
         lines.append(f"held-out top-1: FP32 {pct(card['fp32_accuracy'])}, int8 {pct(card['quantized_accuracy'])}; "
                      f"agreement {pct(card['agreement'])}, SQNR {card['sqnr_db']:.1f} dB "
                      f"on {card['evaluation']['images']} images")
+        latency = card["latency"]
+        lines.append(f"latency at batch {latency['batch']}: int8 {1000 * latency['seconds_per_batch']:.1f} ms, FP32 "
+                     f"compiled {1000 * latency['fp32_compiled_seconds_per_batch']:.1f} ms -> "
+                     f"{latency['speedup_vs_fp32_compiled']:.2f}x ({latency['threads']} threads; a quick timing)")
     else:
         lines.append("no real held-out data known for this teacher: accuracy not measured (pass --eval-data DIR)")
     lines.append("load with: from smi_plugin import load_quantized; model = load_quantized(DIR)")
