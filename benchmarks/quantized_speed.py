@@ -1,4 +1,4 @@
-"""Is the quantized model faster, and smaller? CPU latency and serialized size of five variants.
+"""Is the quantized model faster, and smaller? CPU latency and serialized size of six variants.
 
 Variants: FP32 eager, FP32 compiled (inductor, freezing), bf16 compiled (the FP32 model under
 bfloat16 autocast, compiled alike: what a CPU with native bfloat16 gives without quantizing), int8
@@ -38,6 +38,7 @@ from smi_plugin import InversionConfig, StoppingSchedule, load_teacher  # noqa: 
 from smi_plugin.calibration import SparseInvertedCalibrationDataset  # noqa: E402
 from smi_plugin.data import ImageSplit, load_split  # noqa: E402
 from smi_plugin.evaluation import sqnr_db  # noqa: E402
+from smi_plugin.integrations.torchao import UNQUANTIZED_PRECISIONS  # noqa: E402
 from smi_plugin.images import model_normalization, normalize  # noqa: E402
 from smi_plugin.zoo import load_card, zoo_names  # noqa: E402
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=100, help="inversion iterations (zoo teachers)")
     parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime variants")
-    parser.add_argument("--unquantized-precision", default="auto", choices=("auto", "float32", "bfloat16"),
+    parser.add_argument("--unquantized-precision", default="auto", choices=UNQUANTIZED_PRECISIONS,
                         help="the int8 model's unquantized ops (default: %(default)s, as smi quantize)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "smi-plugin/quantized-vit/v1"
 MODEL_FILE = "model.pt2"
 CARD_FILE = "card.json"
+# What a compiled program's unquantized ops run in: the autocast dtype of each resolved precision.
+AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 # Schemes whose pt2e graph inductor lowers to int8 (oneDNN qlinear) kernels. w4a8 keeps 4-bit
 # weight values in int8 storage: W4 accuracy, W8 speed and size.
 LOWERABLE_SCHEMES = ("w8a8", "w4a8")
@@ -120,8 +122,8 @@ class FrozenCompiled(nn.Module):
     Args:
         module: maps a batch to a batch.
         autocast_dtype: ``torch.bfloat16`` runs the ops autocast covers in bfloat16 (for a quantized
-            program, torchao's int8-mixed-bf16: the int8 kernels stay int8, the float ops around them
-            turn bfloat16); ``None`` keeps float32. Outputs are returned as float32 either way.
+            program, torchao's int8-mixed-bf16: the int8 kernels stay int8 and, in a ViT, the attention
+            between them turns bfloat16); ``None`` keeps float32. Outputs are returned as float32 either way.
 
     Compilation happens on the first call of each batch size (tens of seconds on a small CPU);
     shapes are static so results never depend on which batch sizes were seen before.
@@ -165,11 +167,11 @@ def compile_quantized(program: torch.export.ExportedProgram | nn.Module,
     ``unquantized_precision``: ``"float32"`` or ``"bfloat16"`` (torchao's int8-mixed-bf16) for the ops
     left unquantized; a saved model's card records which one its accuracy was measured with.
     """
-    if unquantized_precision not in ("float32", "bfloat16"):
-        raise ValueError(f"unquantized_precision must be 'float32' or 'bfloat16', got {unquantized_precision!r}")
+    if unquantized_precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"unquantized_precision must be one of {tuple(AUTOCAST_DTYPES)}, got {unquantized_precision!r}")
     module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     _register_x86_lowering()
-    return FrozenCompiled(module, torch.bfloat16 if unquantized_precision == "bfloat16" else None)
+    return FrozenCompiled(module, AUTOCAST_DTYPES[unquantized_precision])
 
 
 def save_quantized(program: torch.export.ExportedProgram, directory: str | os.PathLike, card: dict[str, Any]) -> Path:
@@ -271,13 +273,16 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
         return program.module()
     # the precision the card's accuracy was measured with (models saved before it was recorded: float32)
     precision = card.get("unquantized_precision", "float32")
+    if precision not in AUTOCAST_DTYPES:
+        raise QuantizedModelError(f"{directory} has unquantized_precision {precision!r}; this version runs "
+                                  f"{', '.join(AUTOCAST_DTYPES)}")
     if precision == "bfloat16":
         from .torchao import native_bfloat16
 
         if not native_bfloat16():
             logger.warning("%s runs its unquantized ops in bfloat16, which this CPU emulates (no AVX512-BF16/AMX): "
-                           "same results, slower; re-run 'smi quantize --unquantized-precision float32' here for "
-                           "speed", directory)
+                           "the same precision, slower, and its accuracy may differ from the card's in the last "
+                           "digits; re-run 'smi quantize --unquantized-precision float32' here for speed", directory)
     return compile_quantized(program, precision)
 
 
@@ -302,7 +307,8 @@ def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.T
 
 def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
                             range_estimator: str = "auto", backend: str = "pt2e", test_split: Any = None,
-                            eval_images: int | None = None, eval_batch_size: int = 500,
+                            unquantized_precision: str = "auto", eval_images: int | None = None,
+                            eval_batch_size: int = 500,
                             calibration: dict[str, Any] | None = None, teacher_name: str | None = None,
                             **options: Any) -> tuple[torch.export.ExportedProgram, nn.Module, dict]:
     """Calibrate on ``dataset``'s retained tokens, lower, export, compile and evaluate.
@@ -312,14 +318,14 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
         dataset: a ``SparseInvertedCalibrationDataset``.
         scheme, coverage, range_estimator, backend: see ``InvertedPTQConfig`` (checked by
             ``check_deployable`` first).
+        unquantized_precision: see ``InvertedPTQConfig``; the card records it resolved for this CPU.
         test_split: real held-out ``ImageSplit`` to evaluate on (``None``: accuracies are null).
         eval_images: evaluate on the first N held-out images only (recorded in the card).
         eval_batch_size: evaluation batch size (recorded: it picks the compiled kernels).
         calibration: provenance for the card (source, images, seed, inversion config).
         teacher_name: the name recorded in the card.
-        **options: the other ``InvertedPTQConfig`` fields (``percentile``, ``batch_size``, ``max_samples``,
-            ``unquantized_precision``), recorded in the card (the resolved precision as
-            ``unquantized_precision``).
+        **options: the other ``InvertedPTQConfig`` fields (``percentile``, ``batch_size``, ``max_samples``),
+            recorded in the card.
 
     Returns:
         ``(program, compiled module, card)``; save with ``save_quantized(program, DIR, card)``.
@@ -331,7 +337,8 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
 
     check_deployable(scheme, backend, coverage)
     qmodel = quantize_with_inverted_data(teacher, dataset, scheme, backend=backend, coverage=coverage,
-                                         range_estimator=range_estimator, **options)
+                                         range_estimator=range_estimator, unquantized_precision=unquantized_precision,
+                                         **options)
     program = export_quantized(qmodel)
     precision = qmodel.config.resolved_unquantized_precision
     compiled = compile_quantized(program, precision)

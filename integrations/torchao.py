@@ -77,10 +77,12 @@ class InvertedPTQConfig(ConfigBase):
     percentile: float = option(99.99, "upper percentile of --range-estimator percentile (the lower is 100 - it)")
     batch_size: int = option(32, "calibration images per forward")
     max_samples: int = option(1 << 20, "values kept per observer for the percentile/mse estimators")
-    unquantized_precision: str = option("auto", "the saved model's ops that stay unquantized (attention, softmax, "
-                                        "LayerNorm, GELU, residual adds): float32, bfloat16 (torchao's "
-                                        "int8-mixed-bf16), or auto (bfloat16 where the CPU computes it natively: "
-                                        "AVX512-BF16 or AMX; else float32)", choices=UNQUANTIZED_PRECISIONS)
+    unquantized_precision: str = option("auto", "what the saved model's float ops between the int8 linears run in: "
+                                        "float32, or bfloat16 (torchao's int8-mixed-bf16 autocast: in a ViT the "
+                                        "attention's q/k/v, softmax and weighted sum; LayerNorm and the residual "
+                                        "stream stay float32), or auto (bfloat16 where the CPU computes it natively: "
+                                        "AVX512-BF16 or AMX; else float32). Saved models only: --compare judges the "
+                                        "q/dq simulation", choices=UNQUANTIZED_PRECISIONS)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
     args.scheme, args.backend, args.coverage, args.range_estimator = ptq.scheme, ptq.backend, ptq.coverage, \
         ptq.range_estimator
     args.ptq_options = {"percentile": ptq.percentile, "batch_size": ptq.batch_size, "max_samples": ptq.max_samples}
-    args.unquantized_precision = ptq.unquantized_precision  # the saved model's; --compare judges q/dq simulation
+    args.unquantized_precision = ptq.unquantized_precision
     if args.compare:
         return run_compare(args)
     if not args.out:  # a useful default: the model lands where the summary says, never over a user's folder
