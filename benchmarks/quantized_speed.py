@@ -38,7 +38,7 @@ from smi_plugin import InversionConfig, StoppingSchedule, load_teacher  # noqa: 
 from smi_plugin.calibration import SparseInvertedCalibrationDataset  # noqa: E402
 from smi_plugin.data import ImageSplit, load_split  # noqa: E402
 from smi_plugin.evaluation import sqnr_db  # noqa: E402
-from smi_plugin.integrations.torchao import UNQUANTIZED_PRECISIONS  # noqa: E402
+from smi_plugin.integrations.torchao import UNQUANTIZED_PRECISIONS, InvertedPTQConfig  # noqa: E402
 from smi_plugin.images import model_normalization, normalize  # noqa: E402
 from smi_plugin.zoo import load_card, zoo_names  # noqa: E402
 
@@ -77,7 +77,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     from smi_plugin.integrations.deploy import (FrozenCompiled, compile_quantized, export_quantized, timed_calls,
                                                 write_program)
     from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
-    from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
+    from smi_plugin.integrations.torchao import quantize_with_inverted_data
 
     # Each model's compiled FP32 forward is VisionTransformer.forward again: without a reset, dynamo's
     # per-code recompile limit is reached after a few models and batch sizes and it silently runs eager.
