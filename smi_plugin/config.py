@@ -132,7 +132,8 @@ class InversionConfig(ConfigBase):
     patch_similarity_weight: float = option(1.0, "weight of PSAQ-ViT's patch-similarity entropy "
                                             "(--base-method psaq)")
     competition_weight: float = option(0.0, "DeepInversion's adaptive competition: weight of 1 - JS(student, "
-                                       "teacher), pushing images to where a student disagrees; 0 disables it")
+                                       "teacher) on the images the student still classifies as the teacher does, "
+                                       "pushing them to where it disagrees; 0 disables it")
     soft_targets: float = option(0.0, "ZSKD's Dirichlet soft targets: each image is inverted towards a class "
                                  "distribution drawn from Dir(SCALE * similarity of its class to every class, read "
                                  "from the teacher's head weights) instead of its one-hot label; 0 keeps one-hot "

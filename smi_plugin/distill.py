@@ -111,6 +111,9 @@ class DistillConfig(ConfigBase):
                          "otherwise slots are inverted for the whole run")
     warm_start: bool = option(False, "source online: a renewed slot starts from mixes of two finished samples "
                               "(one of each image's class, one of another, weight U(0, 1)) instead of noise")
+    competition_start: float = option(0.1, "with --competition-weight: share of the budget (steps or minutes) "
+                                      "trained before the student competes; a student that has learnt nothing "
+                                      "yet disagrees everywhere, which teaches nothing")
     eval_every: int = option(50, "KD steps between evaluations on the real held-out images")
     checkpoint_every: int = option(100, "KD steps between checkpoints (with an output directory)")
     seed: int = option(0, "seed of batch sampling, flips and mixes (resume continues the sequence)")
@@ -129,6 +132,10 @@ class DistillConfig(ConfigBase):
         if not 0.0 <= float(self.mixup) <= 1.0:
             raise ValueError(f"DistillConfig.mixup is a share of the KD inputs in [0, 1], got {self.mixup}")
         self.mixup = float(self.mixup)
+        if not 0.0 <= float(self.competition_start) < 1.0:
+            raise ValueError(f"DistillConfig.competition_start is a share of the budget in [0, 1), "
+                             f"got {self.competition_start}")
+        self.competition_start = float(self.competition_start)
         if self.minutes is not None:
             if not self.minutes > 0:
                 raise ValueError(f"DistillConfig.minutes must be > 0 (or None to use steps), got {self.minutes}")
@@ -393,8 +400,12 @@ class KDTrainer:
         return augment_batch(x, m, generator, flip=cfg.flip, mixup=cfg.mixup)
 
     def _competitor(self) -> nn.Module | None:
+        """The student, once ``competition_start`` of the budget has passed, when the inversion competes."""
         weight = self.inverter.config.competition_weight if self.inverter is not None else 0
-        return self.accelerator.unwrap_model(self.student) if weight > 0 else None
+        position, total = self.progress_position()
+        if weight <= 0 or position < self.config.competition_start * total:
+            return None
+        return self.accelerator.unwrap_model(self.student)
 
     def _set_pool(self, pool: InvertedBatch) -> None:
         if len(pool) == 0:

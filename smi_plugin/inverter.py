@@ -40,7 +40,7 @@ from .augment import random_resized_crop_cells, roll_flip_patches
 from .batch import InvertedBatch
 from .config import InversionConfig
 from .images import frozen, model_normalization
-from .losses import BASE_METHODS, class_similarity, dirichlet_targets, jensen_shannon, loss_floats
+from .losses import BASE_METHODS, class_similarity, competition_loss, dirichlet_targets, loss_floats
 from .optim import lr_at, set_lr, shrink_rows
 from .pixels import ChannelMap
 from .priors import RetainedPixelPriors
@@ -353,9 +353,9 @@ class SparseInverter:
         image_priors = None if priors is None else priors.bind(param, with_abs=self.config.tv_l1_weight > 0)
         loss, parts = self.method.loss(logits, labels, image_priors)
         if self.config.competition_weight > 0 and self.competitor is not None:
-            divergence = jensen_shannon(self._logits(self.competitor, patches, positions), logits)
-            loss = loss + self.config.competition_weight * (1 - divergence.clamp(0, 1))
-            parts["competition_js"] = divergence.detach()
+            competition, parts["competition_js"] = competition_loss(
+                self._logits(self.competitor, patches, positions), logits)
+            loss = loss + self.config.competition_weight * competition
         return loss, logits, parts
 
     def _logits(self, model: nn.Module, patches: torch.Tensor, positions: torch.Tensor,

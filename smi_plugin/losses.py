@@ -174,12 +174,29 @@ def dirichlet_targets(labels: torch.Tensor, similarity: torch.Tensor, scale: flo
     return swapped.to(labels.device, dtype)
 
 
-def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
-    """Batch-averaged Jensen-Shannon divergence between softened student and teacher predictions."""
+def jensen_shannon(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0,
+                   per_sample: bool = False) -> torch.Tensor:
+    """Jensen-Shannon divergence between softened student and teacher predictions, batch-averaged
+    (``(B,)``, one per sample, with ``per_sample``)."""
     p = F.softmax(student_logits / temperature, dim=1)
     q = F.softmax(teacher_logits / temperature, dim=1)
     m = (0.5 * (p + q)).clamp_min(1e-12).log()
-    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+    divergence = 0.5 * (F.kl_div(m, p, reduction="none") + F.kl_div(m, q, reduction="none")).sum(1)
+    return divergence if per_sample else divergence.mean()
+
+
+def competition_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     temperature: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepInversion's adaptive competition in its data-free form: ``(loss, mean JS)``.
+
+    The loss is ``1 - JS`` per sample, counted only for samples on which the student still picks the
+    teacher's class, averaged over the batch. Minimising it moves those samples to where the two
+    disagree; a sample that got there stops pulling, so it stays near the student's decision boundary
+    instead of drifting into an oddity that neither model reads as any class.
+    """
+    divergence = jensen_shannon(student_logits, teacher_logits, temperature, per_sample=True)
+    agrees = (student_logits.argmax(1) == teacher_logits.argmax(1)).to(divergence.dtype)
+    return ((1 - divergence.clamp(0, 1)) * agrees).mean(), divergence.mean().detach()
 
 
 def patch_similarity_entropy(features: torch.Tensor, num_heads: int, num_prefix_tokens: int,
