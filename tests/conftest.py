@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -23,6 +25,44 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks in ``language``."""
+    return re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def readme_commands() -> list[str]:
+    """Every shell command of the README that runs something of the checkout (``.venv/bin/...``)."""
+    return [line for block in readme_blocks("bash") for line in block.replace("\\\n", " ").splitlines()
+            if line.startswith(".venv/bin/")]
+
+
+# The README's commands in independent groups, each tested in its own file so the suite runs them side by
+# side: the speed benchmark, the bring-your-own-model chain, and the rest (which the Python blocks follow).
+README_GROUPS = {"benchmark": lambda command: " bench " in command,
+                 "own model": lambda command: "outputs/readme/own" in command}
+
+
+def readme_group(name: str) -> list[str]:
+    """The README commands of group ``name`` (a key of ``README_GROUPS``, or ``"rest"``), in README order."""
+    if name in README_GROUPS:
+        return [command for command in readme_commands() if README_GROUPS[name](command)]
+    return [command for command in readme_commands() if not any(test(command) for test in README_GROUPS.values())]
+
+
+README_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_readme_commands(commands: list[str], cwd: Path) -> None:
+    """Run ``commands`` as a reader would, in ``cwd``: repository scripts by their path in the checkout."""
+    bin_dir = Path(sys.executable).parent
+    for command in commands:
+        command = command.replace(".venv/bin/", f"{bin_dir}/")
+        command = re.sub(r" (examples|benchmarks)/", rf" {ROOT}/\1/", command)
+        result = subprocess.run(command, shell=True, cwd=cwd, env=README_ENV, capture_output=True, text=True,
+                                timeout=900)
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
 
 
 # (timm name, constructor overrides): one entry per supported family, kept tiny for speed.

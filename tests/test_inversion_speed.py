@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_benchmark
+from conftest import ROOT, load_benchmark, readme_group, run_readme_commands
 
 harness = load_benchmark("inversion_speed")
 BenchConfig, benchmark_one, format_table = harness.BenchConfig, harness.benchmark_one, harness.format_table
@@ -51,3 +51,10 @@ def test_memory_probe_runs_in_a_fresh_process():
                           json.dumps(spec)],
                          capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_readme_benchmark_command_runs(tmp_path):
+    run_readme_commands(readme_group("benchmark"), tmp_path)
+    (record,) = json.loads((tmp_path / "outputs/readme/bench.json").read_text())
+    assert record["model"] == "deit_tiny_patch16_224" and record["public_final_stage_speedup"] > 1

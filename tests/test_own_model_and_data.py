@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import readme_group, run_readme_commands
 import timm
 import torch
 from PIL import Image
@@ -77,3 +78,10 @@ def test_without_evaluation_data_the_model_is_still_made(own, tmp_path):
     assert report["student_accuracy"] is None and report["teacher_accuracy"] is None
     assert (tmp_path / "student" / "student.safetensors").is_file()
     assert "nothing is evaluated" in result.stderr
+
+
+@pytest.mark.slow
+def test_readme_own_model_commands_run(tmp_path):
+    run_readme_commands(readme_group("own model"), tmp_path)
+    for name in ("own-int8/card.json", "own-student/student.json"):
+        assert (tmp_path / "outputs/readme" / name).is_file(), name

@@ -1,0 +1,29 @@
+"""The README as a reader runs it: its commands as written (with its small sizes), then its Python blocks.
+
+The benchmark command is tested in ``test_inversion_speed.py`` and the bring-your-own-model chain in
+``test_own_model_and_data.py``, so the suite's two workers run the three groups side by side."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import README_ENV, README_GROUPS, readme_blocks, readme_commands, readme_group, run_readme_commands
+
+
+def test_readme_command_groups_cover_every_command_once():
+    groups = [readme_group(name) for name in (*README_GROUPS, "rest")]
+    assert all(groups) and sorted(sum(groups, [])) == sorted(readme_commands()) and len(readme_commands()) >= 8
+
+
+@pytest.mark.slow
+def test_readme_commands_then_python_blocks_run(tmp_path):
+    run_readme_commands(readme_group("rest"), tmp_path)
+    for name in ("distill.json", "digits-w8a8/model.pt2", "inverted-2proc/manifest.json"):
+        assert (tmp_path / "outputs/readme" / name).is_file(), name
+    # every Python block in one process, in the same folder (one block loads the model a command saved)
+    code = "\n".join(block for block in readme_blocks("python") if "pretrained=True" not in block)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=README_ENV, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "outputs/readme/grid.png").is_file()
+    assert (tmp_path / "outputs/readme/kd/learning_curve.png").is_file()
