@@ -27,6 +27,11 @@ def load_benchmark(name: str):
     return module
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so the two workers start on the long ones and end on the short ones."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def readme_blocks(language: str) -> list[str]:
     """The README's fenced code blocks in ``language``."""
     return re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)

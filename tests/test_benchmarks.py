@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_stopping_premise_oracle_keeps_real_digits_recognisable(tmp_path):
     out = tmp_path / "premise.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/stopping_premise.py"), "--teachers", "digits-vit",
@@ -27,6 +30,7 @@ def test_stopping_premise_oracle_keeps_real_digits_recognisable(tmp_path):
     assert len(digits["inverted"]["attention (SMI)"]) == 4
 
 
+@pytest.mark.slow
 def test_distillation_transfer_reports_every_pool_and_the_real_reference(tmp_path):
     out = tmp_path / "kd.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/distillation_transfer.py"), "--teacher", "digits-vit",
@@ -45,6 +49,7 @@ def test_distillation_transfer_reports_every_pool_and_the_real_reference(tmp_pat
     assert "real images (reference)" in result.stdout
 
 
+@pytest.mark.slow
 def test_online_variants_at_equal_steps_are_identical_until_the_variant_acts(tmp_path):
     out = tmp_path / "online.json"
     variants = "defaults (sparse, renewed pool);warm starts (two-class mixes)"

@@ -77,6 +77,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert not (out / "shards").exists()
 
 
+@pytest.mark.slow
 def test_foreign_and_mismatched_directories_are_refused(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
