@@ -1,13 +1,15 @@
-"""Is the quantized model faster, and smaller? CPU latency and serialized size of six variants.
+"""Is the quantized model faster, and smaller? CPU latency and serialized size of eight variants.
 
-Variants: FP32 eager, FP32 compiled (inductor, freezing), bf16 compiled (the FP32 model under
-bfloat16 autocast, compiled alike: what a CPU with native bfloat16 gives without quantizing), int8
-compiled (our pt2e path: kept-token calibration, convert_pt2e, inductor freezing -> oneDNN int8
-kernels; the ops left unquantized in ``--unquantized-precision``, by default bfloat16 where the CPU
-computes it natively, as ``smi quantize`` saves it), ONNX Runtime FP32 and ONNX Runtime int8 (QDQ,
-per-channel weights, calibrated on the same retained tokens). Latency is the
-median over ``--repeats`` timed calls after ``--warmup`` calls (the first call compiles), per batch
-size. Sizes: FP32 ``torch.save`` state dict, ``model.pt2``, the two ONNX files.
+Variants: FP32 eager; FP32 compiled just in time (inductor, freezing) and ahead of time (an
+AOTInductor package: the same kernels called from C++); bf16 compiled (the FP32 model under bfloat16
+autocast, compiled alike: what a CPU with native bfloat16 gives without quantizing); int8 compiled just
+in time and int8 package (our pt2e path: kept-token calibration, convert_pt2e, inductor freezing ->
+oneDNN int8 kernels; the ops left unquantized in ``--unquantized-precision``, by default bfloat16 where
+the CPU computes it natively; the package is what ``smi quantize`` saves and ``load_quantized``
+returns); ONNX Runtime FP32 and ONNX Runtime int8 (QDQ, per-channel weights, calibrated on the same
+retained tokens). Latency is the median over ``--repeats`` timed calls after ``--warmup`` calls (the
+first call compiles), per batch size. Sizes: FP32 ``torch.save`` state dict, ``model.pt2``,
+``compiled.pt2``, the two ONNX files.
 
 Models: the zoo teachers (calibrated on sparsely inverted images, timed and judged on their real
 held-out images: logit SQNR and top-1 agreement with FP32) and random-weight timm DeiTs at 224
@@ -43,7 +45,6 @@ from smi_plugin.images import model_normalization, normalize  # noqa: E402
 from smi_plugin.zoo import load_card, zoo_names  # noqa: E402
 
 DEFAULT_MODELS = "digits-vit,fashion-mnist-vit,deit_tiny_patch16_224,deit_small_patch16_224"
-VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "int8 compiled", "ort fp32", "ort int8")
 
 
 def build_model(name: str) -> torch.nn.Module:
@@ -74,8 +75,8 @@ def benchmark_inputs(model: torch.nn.Module, split: ImageSplit | None, batch: in
 
 
 def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from smi_plugin.integrations.deploy import (FrozenCompiled, compile_quantized, export_quantized, timed_calls,
-                                                write_program)
+    from smi_plugin.integrations.deploy import (FrozenCompiled, compile_package, compile_quantized, export_quantized,
+                                                timed_calls, write_program)
     from smi_plugin.integrations.onnxruntime import KeptTokenDataReader, OrtViT, export_patch_onnx, quantize_onnx
     from smi_plugin.integrations.torchao import quantize_with_inverted_data
 
@@ -88,19 +89,26 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     program = export_quantized(quantize_with_inverted_data(model, data, "w8a8"))
     quantize_seconds = time.perf_counter() - started
     files = {"fp32 state dict": workdir / f"{name}.pt", "model.pt2": workdir / f"{name}.pt2",
+             "compiled.pt2": workdir / f"{name}.compiled.pt2",
              "onnx fp32": workdir / f"{name}.onnx", "onnx int8": workdir / f"{name}.int8.onnx"}
     torch.save(model.state_dict(), files["fp32 state dict"])
     write_program(program, files["model.pt2"])
     precision = InvertedPTQConfig(unquantized_precision=args.unquantized_precision).resolved_unquantized_precision
-    variants: dict[str, Callable] = {"fp32 eager": model, "fp32 compiled": FrozenCompiled(model),
-                                     "bf16 compiled": FrozenCompiled(model, torch.bfloat16),
-                                     "int8 compiled": compile_quantized(program, precision)}
+    shape = tuple(data.pixel_values.shape[1:])
+    variants: dict[str, Callable] = {
+        "fp32 eager": model, "fp32 compiled": FrozenCompiled(model),
+        "fp32 package": compile_package(model, workdir / f"{name}.fp32.pt2", image_shape=shape),
+        "bf16 compiled": FrozenCompiled(model, torch.bfloat16),
+        "int8 compiled": compile_quantized(program, precision),
+        "int8 package": compile_package(program, files["compiled.pt2"], precision)}
+    if args.tune_for_batch:
+        variants[f"int8 package tuned@{args.tune_for_batch}"] = compile_package(
+            program, workdir / f"{name}.tuned.pt2", precision, tune_for_batch=args.tune_for_batch)
     if not args.skip_ort:
         export_patch_onnx(model, files["onnx fp32"])
         quantize_onnx(files["onnx fp32"], files["onnx int8"], KeptTokenDataReader(data, model))
         variants["ort fp32"] = OrtViT(files["onnx fp32"], model, threads=torch.get_num_threads())
         variants["ort int8"] = OrtViT(files["onnx int8"], model, threads=torch.get_num_threads())
-    shape = tuple(data.pixel_values.shape[1:])
     result: dict[str, Any] = {"model": name, "input": list(shape), "quantize_seconds": quantize_seconds,
                               "int8_unquantized_precision": precision,
                               "calibration": data.source, "calibration_images": len(data),
@@ -130,18 +138,21 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines.append(f"{result['model']} {tuple(result['input'])}, int8 with {result['int8_unquantized_precision']} "
                      "unquantized ops: sizes " + ", ".join(
             f"{k} {v / 1e6:.2f} MB ({100 * v / fp32:.0f}%)" for k, v in sizes.items()))
-        header = ["batch"] + [v for v in VARIANTS if v in next(iter(result["latency"].values()))]
-        table = [header]
+        variants = list(next(iter(result["latency"].values())))
+        table = [["batch", *variants, "int8 package vs faster FP32 compiled"]]  # the faster package, if tuned
         for batch, rows in result["latency"].items():
             base = rows["fp32 eager"]["median_s"]
+            fp32 = min(rows[v]["median_s"] for v in ("fp32 compiled", "fp32 package"))
+            ours = min(rows[v]["median_s"] for v in variants if v.startswith("int8 package"))
             table.append([batch] + [f"{1000 * rows[v]['median_s']:.2f} ms (x{base / rows[v]['median_s']:.2f})"
-                                    for v in header[1:]])
+                                    for v in variants] + [f"{fp32 / ours:.2f}x"])
+        header = table[0]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
         batch, rows = list(result["latency"].items())[-1]
         lines.append(f"  vs FP32 at batch {batch} ({result['inputs']} inputs): " + ", ".join(
             f"{v} {rows[v]['sqnr_db_vs_fp32']:.1f} dB SQNR / {100 * rows[v]['agreement_vs_fp32']:.0f}% top-1 agreement"
-            for v in ("bf16 compiled", "int8 compiled", "ort int8") if v in rows))
+            for v in ("bf16 compiled", "int8 package", "ort int8") if v in rows))
     lines.append("latency: median per batch (speed-up over FP32 eager); noisy unless the machine is quiet")
     return "\n".join(lines)
 
@@ -159,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime variants")
     parser.add_argument("--unquantized-precision", default="auto", choices=UNQUANTIZED_PRECISIONS,
                         help="the int8 model's unquantized ops (default: %(default)s, as smi quantize)")
+    parser.add_argument("--tune-for-batch", type=int, default=0,
+                        help="also time the int8 package compiled with --tune-for-batch N (as smi quantize)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

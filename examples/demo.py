@@ -7,7 +7,8 @@
 3. Quantize the teacher with torchao (W8/A8, W4/A8) calibrated on Gaussian noise, dense and sparse
    inversions (and real images, the reference a data-free user lacks); evaluate on real images.
 4. The deployable int8 model: W8/A8 calibrated on the sparse inversions, lowered to int8 kernels,
-   saved as ``OUT/int8/model.pt2`` + ``card.json``, loaded back and timed against compiled FP32.
+   saved as ``OUT/int8/model.pt2`` + ``compiled.pt2`` (its package for this CPU) + ``card.json``,
+   loaded back and timed against compiled FP32.
 5. Distil with ``smi distill``'s defaults (the paper's setting: a student sharing the teacher's
    pretrained backbone learns a new head from inverted images only, inverted online with SMI
    stopping while it learns), for a few minutes; the student is saved to ``OUT/student`` and loaded
@@ -151,10 +152,12 @@ def _deploy(teacher, sparse, test, config: DemoConfig, directory: Path) -> dict[
     from smi_plugin.integrations.deploy import quantize_for_deployment, save_quantized
 
     data = SparseInvertedCalibrationDataset.from_batches([sparse])
-    program, _, card = quantize_for_deployment(teacher, data, "w8a8", test_split=test, teacher_name=config.teacher,
-                                               eval_batch_size=config.eval_batch_size,
-                                               calibration={"seed": 0, "inversion": sparse.provenance.get("config")})
-    save_quantized(program, directory, card)
+    program, compiled, card = quantize_for_deployment(teacher, data, "w8a8", test_split=test,
+                                                      teacher_name=config.teacher,
+                                                      eval_batch_size=config.eval_batch_size,
+                                                      calibration={"seed": 0,
+                                                                   "inversion": sparse.provenance.get("config")})
+    save_quantized(program, directory, card, compiled)
     loaded = load_quantized(directory)
     mean, std = model_normalization(teacher)
     return {"directory": str(directory), "card": card,
@@ -204,7 +207,8 @@ def format_summary(results: dict[str, Any]) -> str:
     latency = card["latency"]
     lines.append(f"  deployable int8 (W8A8, unquantized ops {card['unquantized_precision']}): "
                  f"{dep['directory']}/model.pt2 {card['files']['model.pt2'] / 1e6:.2f} MB "
-                 f"({100 * card['files']['model.pt2'] / dep['fp32_state_dict_bytes']:.0f}% of FP32); top-1 "
+                 f"({100 * card['files']['model.pt2'] / dep['fp32_state_dict_bytes']:.0f}% of FP32; compiled.pt2 "
+                 f"{card['files']['compiled.pt2'] / 1e6:.2f} MB); top-1 "
                  f"{100 * card['quantized_accuracy']:.2f}% (FP32 {100 * card['fp32_accuracy']:.2f}%), reloaded "
                  f"{100 * dep['reloaded_top1']:.2f}%; batch {latency['batch']}: FP32 compiled "
                  f"{1000 * latency['fp32_compiled_seconds_per_batch']:.1f} ms, int8 "

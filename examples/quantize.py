@@ -3,7 +3,8 @@
     python examples/quantize.py [--teacher digits-vit] [--iterations 200] [--out quantized-digits]
 
 Calibration runs on the retained tokens only; the result is lowered to int8 kernels (inductor,
-freezing), saved as OUT/model.pt2 + OUT/card.json and loaded back with ``load_quantized``.
+freezing, compiled ahead of time), saved as OUT/model.pt2 + OUT/compiled.pt2 + OUT/card.json and
+loaded back with ``load_quantized``.
 """
 
 import argparse
@@ -44,6 +45,6 @@ program, fast, card = quantize_for_deployment(teacher, calibration, "w8a8", test
                                               teacher_name=args.teacher)
 print(f"w8a8 int8 top-1 on real held-out images: {card['quantized_accuracy']:.2%} "
       f"(agreement with FP32 {card['agreement']:.2%}, SQNR {card['sqnr_db']:.1f} dB)")
-save_quantized(program, args.out, card)
+save_quantized(program, args.out, card, fast)
 loaded = load_quantized(args.out)
 print(f"saved to {args.out}/model.pt2; reloaded top-1: {evaluate_accuracy(loaded, test, mean, std):.2%}")

@@ -83,6 +83,10 @@ class InvertedPTQConfig(ConfigBase):
                                         "stream stay float32), or auto (bfloat16 where the CPU computes it natively: "
                                         "AVX512-BF16 or AMX; else float32). Saved models only: --compare judges the "
                                         "q/dq simulation", choices=UNQUANTIZED_PRECISIONS)
+    tune_for_batch: int = option(0, "saved models: choose the int8 GEMM kernels by timing them at this batch size "
+                                 "(inductor's max_autotune, AMX micro-kernels against oneDNN; every batch size "
+                                 "then runs them): faster at batches near it, possibly slower far from it, "
+                                 "compiling takes about 3x longer; 0: oneDNN's kernels, no tuning")
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -101,6 +105,8 @@ class InvertedPTQConfig(ConfigBase):
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.tune_for_batch < 0:
+            raise ValueError(f"tune_for_batch must be >= 0 (0: no tuning), got {self.tune_for_batch}")
         if self.unquantized_precision not in UNQUANTIZED_PRECISIONS:
             raise ValueError(f"unknown unquantized_precision {self.unquantized_precision!r}; use one of "
                              f"{UNQUANTIZED_PRECISIONS}")

@@ -21,9 +21,10 @@ from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.cli import main
 from smi_plugin.data import load_split
 from smi_plugin.images import model_normalization, normalize
-from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, QuantizedModelError, check_deployable,
-                                            compile_quantized, export_quantized, load_quantized, save_quantized,
-                                            write_program)
+from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, PACKAGE_FILE, CompiledPackage,
+                                            FrozenCompiled, QuantizedModelError, check_deployable, compile_package,
+                                            compile_quantized, cpu_target, export_quantized, load_quantized,
+                                            save_quantized, write_program)
 from smi_plugin.evaluation import sqnr_db
 from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
 
@@ -76,7 +77,9 @@ def test_the_card_describes_the_model(cli_output):
     assert card["latency"]["speedup_vs_fp32_compiled"] > 0
     assert card["versions"]["torch"] == torch.__version__ and card["versions"]["torchao"]
     assert card["files"][MODEL_FILE] == (cli_output / MODEL_FILE).stat().st_size
-    assert sorted(p.name for p in cli_output.iterdir()) == [CARD_FILE, MODEL_FILE]  # no temp files left
+    assert card["files"][PACKAGE_FILE] == (cli_output / PACKAGE_FILE).stat().st_size
+    assert card["compiled"] == {"file": PACKAGE_FILE, "cpu_target": cpu_target(), "tuned_for_batch": 0}
+    assert sorted(p.name for p in cli_output.iterdir()) == [CARD_FILE, PACKAGE_FILE, MODEL_FILE]  # no temp files
 
 
 def test_a_fresh_process_reproduces_the_card_accuracy(cli_output):
@@ -92,14 +95,44 @@ split = load_split("digits", "test")
 split = split.subset(torch.arange(len(split)) < card["evaluation"]["images"])
 model = load_quantized({str(cli_output)!r})
 logits = predict_logits(model, split, mean, std, batch_size=card["evaluation"]["batch_size"])
-print("ACCURACY", repr(top1_accuracy(logits, split.labels)), repr(card["quantized_accuracy"]))
+print("ACCURACY", repr(top1_accuracy(logits, split.labels)), repr(card["quantized_accuracy"]), type(model).__name__)
 """
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     line = [ln for ln in result.stdout.splitlines() if ln.startswith("ACCURACY")][0]
-    _, reproduced, recorded = line.split()
-    assert reproduced == recorded
+    _, reproduced, recorded, kind = line.split()
+    assert reproduced == recorded and kind == "CompiledPackage"  # the package itself: no compile on load
+
+
+def test_a_package_for_another_cpu_is_compiled_here_instead(cli_output, tmp_path, caplog, real_images):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(cli_output, elsewhere)
+    card = json.loads((elsewhere / CARD_FILE).read_text())
+    card["compiled"]["cpu_target"] = "neon"
+    (elsewhere / CARD_FILE).write_text(json.dumps(card))
+    with caplog.at_level("INFO"):
+        fallback = load_quantized(elsewhere)
+    assert isinstance(fallback, FrozenCompiled) and "compiled for a CPU with neon" in caplog.text
+    package = load_quantized(cli_output)
+    with torch.no_grad():
+        jit, aot = fallback(real_images), package(real_images)
+    assert (jit.argmax(1) == aot.argmax(1)).float().mean() >= 0.98 and sqnr_db(aot, jit) > 30
+
+
+def test_a_package_takes_any_batch_size_and_matches_the_just_in_time_compile(in_memory, real_images):
+    program, just_in_time, _ = in_memory
+    package = compile_package(program)  # float32 unquantized ops, like the fixture's compile
+    path = package.path
+    assert path.exists() and package.cpu_target == cpu_target()
+    with torch.no_grad():
+        whole, reference = package(real_images), just_in_time(real_images)
+        parts = torch.cat([package(real_images[:1]), package(real_images[1:4]), package(real_images[4:])])
+    assert whole.shape == reference.shape and whole.dtype == torch.float32
+    assert sqnr_db(reference, whole) > 40 and torch.equal(whole.argmax(1), reference.argmax(1))
+    assert sqnr_db(whole, parts) > 40  # per-image results do not depend on the batch around them
+    del package
+    assert not path.exists()  # an unsaved package lives in a temporary directory removed with it
 
 
 def test_loaded_model_equals_the_in_memory_one_bit_for_bit(in_memory, real_images):
@@ -227,3 +260,24 @@ def test_importing_the_adapters_imports_no_toolkit():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).parent)
     assert result.stdout.strip() == "[]", result.stderr[-2000:]
+
+
+def test_tune_for_batch_times_gemm_kernels_at_that_batch(in_memory, monkeypatch, tmp_path):
+    program, _, _ = in_memory
+    calls = []
+
+    def record(exported, package_path, inductor_configs):
+        calls.append((exported.example_inputs[0][0].shape[0], inductor_configs))
+        raise RuntimeError("recorded")  # stop before the (long) compile
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", record)
+    for batch in (0, 1, 8):
+        with pytest.raises(RuntimeError, match="recorded"):
+            compile_package(program, tmp_path / "p.pt2", tune_for_batch=batch)
+    assert calls == [(2, {"freezing": True}),
+                     (2, {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}),
+                     (8, {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"})]
+    with pytest.raises(ValueError, match="tune_for_batch must be in"):
+        compile_package(program, tune_for_batch=-1)
+    with pytest.raises(ValueError, match="tune_for_batch must be >= 0"):
+        InvertedPTQConfig(tune_for_batch=-1)

@@ -1,8 +1,9 @@
 """``smi quantize``: data-free post-training quantization with torchao, ending in a deployable int8 model.
 
 ``smi quantize --teacher NAME --out DIR`` inverts calibration images (sparse by default), calibrates
-torchao's pt2e flow on their retained tokens, lowers to int8 kernels, evaluates on the teacher's real
-held-out images and writes ``DIR/model.pt2`` + ``DIR/card.json`` (load with
+torchao's pt2e flow on their retained tokens, lowers to int8 kernels, compiles ahead of time, evaluates on
+the teacher's real held-out images and writes ``DIR/model.pt2`` (the portable program),
+``DIR/compiled.pt2`` (its AOTInductor package for this CPU) and ``DIR/card.json`` (load with
 ``smi_plugin.load_quantized(DIR)``). ``smi quantize --compare`` prints the older table comparing
 calibration sources.
 """
@@ -31,12 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("quantize", help="data-free PTQ with torchao: a saved, faster int8 model",
                             description="Quantize a teacher with torchao, calibrated on the retained tokens of "
                                         "inverted images (or a saved dataset), lower it to int8 kernels, evaluate "
-                                        "it on real held-out images and save DIR/model.pt2 + DIR/card.json. "
+                                        "it on real held-out images and save DIR/model.pt2, its compiled "
+                                        "package DIR/compiled.pt2 and DIR/card.json. "
                                         "--compare instead compares calibration sources in a table.")
     add_teacher_arguments(parser)
     add_inversion_arguments(parser, CALIBRATION_INVERSION)
     group = parser.add_argument_group("quantization")
-    group.add_argument("--out", default=None, help="output directory for model.pt2 and card.json "
+    group.add_argument("--out", default=None, help="output directory for model.pt2, compiled.pt2 and card.json "
                        "(default: outputs/quantized/TEACHER-SCHEME)")
     group.add_argument("--calibration", default=None,
                        help="calibration source: sparse (inverted with --selection, random stopping unless "
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> None:
     args.scheme, args.backend, args.coverage, args.range_estimator = ptq.scheme, ptq.backend, ptq.coverage, \
         ptq.range_estimator
     args.ptq_options = {"percentile": ptq.percentile, "batch_size": ptq.batch_size, "max_samples": ptq.max_samples}
-    args.unquantized_precision = ptq.unquantized_precision
+    args.unquantized_precision, args.tune_for_batch = ptq.unquantized_precision, ptq.tune_for_batch
     if args.compare:
         return run_compare(args)
     if not args.out:  # a useful default: the model lands where the summary says, never over a user's folder
@@ -98,11 +100,12 @@ def run_deploy(args: argparse.Namespace) -> None:
                                          progress=True)
         provenance = {"source_option": source, "seed": config.seed, "seconds": seconds,
                       "inversion": config.to_dict() if source in ("sparse", "dense") else None}
-        program, _, card = quantize_for_deployment(
+        program, compiled, card = quantize_for_deployment(
             teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
             backend=args.backend, test_split=test, eval_images=args.eval_images, calibration=provenance,
-            unquantized_precision=args.unquantized_precision, **args.ptq_options, teacher_name=args.teacher)
-        out = save_quantized(program, args.out, card)
+            unquantized_precision=args.unquantized_precision, tune_for_batch=args.tune_for_batch,
+            **args.ptq_options, teacher_name=args.teacher)
+        out = save_quantized(program, args.out, card, compiled)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
     print(format_summary(card, out))
@@ -113,8 +116,11 @@ def format_summary(card: dict, out) -> str:
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
+    files = card["files"]
+    package = f", {out}/compiled.pt2 ({files['compiled.pt2'] / 1e6:.2f} MB, compiled for this CPU)" \
+        if "compiled.pt2" in files else ""
     lines = [f"saved {card['scheme']} int8 model of {card['teacher']} to {out}/model.pt2 "
-             f"({card['files']['model.pt2'] / 1e6:.2f} MB) with card.json; unquantized ops in "
+             f"({files['model.pt2'] / 1e6:.2f} MB){package} and card.json; unquantized ops in "
              f"{card['unquantized_precision']}",
              f"calibration: {card['calibration']['images']} {card['calibration']['source']} images "
              f"(kept fraction {card['calibration']['kept_fraction']:.2f})"]
