@@ -1,4 +1,5 @@
-"""Is the quantized model faster, and smaller? CPU latency and serialized size of eight variants.
+"""Is the quantized model faster, and smaller? CPU latency and serialized size of eight variants
+(nine with ``--tune-for-batch``).
 
 Variants: FP32 eager; FP32 compiled just in time (inductor, freezing) and ahead of time (an
 AOTInductor package: the same kernels called from C++); bf16 compiled (the FP32 model under bfloat16
@@ -139,7 +140,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
                      "unquantized ops: sizes " + ", ".join(
             f"{k} {v / 1e6:.2f} MB ({100 * v / fp32:.0f}%)" for k, v in sizes.items()))
         variants = list(next(iter(result["latency"].values())))
-        table = [["batch", *variants, "int8 package vs faster FP32 compiled"]]  # the faster package, if tuned
+        # the last column: our package (the faster one, with --tune-for-batch) against the faster FP32 compile
+        table = [["batch", *variants, "int8 package vs faster FP32 compiled"]]
         for batch, rows in result["latency"].items():
             base = rows["fp32 eager"]["median_s"]
             fp32 = min(rows[v]["median_s"] for v in ("fp32 compiled", "fp32 package"))
