@@ -115,6 +115,7 @@ def test_a_package_for_another_cpu_is_compiled_here_instead(cli_output, tmp_path
         fallback = load_quantized(elsewhere)
     assert isinstance(fallback, FrozenCompiled) and "compiled for a CPU with neon" in caplog.text
     package = load_quantized(cli_output)
+    assert isinstance(package, CompiledPackage)
     with torch.no_grad():
         jit, aot = fallback(real_images), package(real_images)
     assert (jit.argmax(1) == aot.argmax(1)).float().mean() >= 0.98 and sqnr_db(aot, jit) > 30
