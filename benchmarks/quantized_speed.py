@@ -1,5 +1,5 @@
-"""Is the quantized model faster, and smaller? CPU latency and serialized size of eight variants
-(nine with ``--tune-for-batch``).
+"""Is the quantized model faster, and smaller? CPU latency and serialized size of nine variants
+(eight with ``--tune-for-batch 0``).
 
 Variants: FP32 eager; FP32 compiled just in time (inductor, freezing) and ahead of time (an
 AOTInductor package: the same kernels called from C++); bf16 compiled (the FP32 model under bfloat16
@@ -7,7 +7,9 @@ autocast, compiled alike: what a CPU with native bfloat16 gives without quantizi
 in time and int8 package (our pt2e path: kept-token calibration, convert_pt2e, inductor freezing ->
 oneDNN int8 kernels; the ops left unquantized in ``--unquantized-precision``, by default bfloat16 where
 the CPU computes it natively; the package is what ``smi quantize`` saves and ``load_quantized``
-returns); ONNX Runtime FP32 and ONNX Runtime int8 (QDQ, per-channel weights, calibrated on the same
+returns: by default it also holds GEMM kernels tuned for batch ``--tune-for-batch``, run at the batch
+sizes where they measured faster, and "int8 package, oneDNN only" is the package without them);
+ONNX Runtime FP32 and ONNX Runtime int8 (QDQ, per-channel weights, calibrated on the same
 retained tokens). Latency is the median over ``--repeats`` timed calls after ``--warmup`` calls (the
 first call compiles), per batch size. Sizes: FP32 ``torch.save`` state dict, ``model.pt2``,
 ``compiled.pt2``, the two ONNX files.
@@ -91,6 +93,7 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
     quantize_seconds = time.perf_counter() - started
     files = {"fp32 state dict": workdir / f"{name}.pt", "model.pt2": workdir / f"{name}.pt2",
              "compiled.pt2": workdir / f"{name}.compiled.pt2",
+             "compiled.pt2, oneDNN only": workdir / f"{name}.onednn.pt2",
              "onnx fp32": workdir / f"{name}.onnx", "onnx int8": workdir / f"{name}.int8.onnx"}
     torch.save(model.state_dict(), files["fp32 state dict"])
     write_program(program, files["model.pt2"])
@@ -101,17 +104,18 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
         "fp32 package": compile_package(model, workdir / f"{name}.fp32.pt2", image_shape=shape),
         "bf16 compiled": FrozenCompiled(model, torch.bfloat16),
         "int8 compiled": compile_quantized(program, precision),
-        "int8 package": compile_package(program, files["compiled.pt2"], precision)}
+        "int8 package": compile_package(program, files["compiled.pt2"], precision,
+                                        tune_for_batch=args.tune_for_batch)}
     if args.tune_for_batch:
-        variants[f"int8 package tuned@{args.tune_for_batch}"] = compile_package(
-            program, workdir / f"{name}.tuned.pt2", precision, tune_for_batch=args.tune_for_batch)
+        variants["int8 package, oneDNN only"] = compile_package(program, files["compiled.pt2, oneDNN only"], precision)
     if not args.skip_ort:
         export_patch_onnx(model, files["onnx fp32"])
         quantize_onnx(files["onnx fp32"], files["onnx int8"], KeptTokenDataReader(data, model))
         variants["ort fp32"] = OrtViT(files["onnx fp32"], model, threads=torch.get_num_threads())
         variants["ort int8"] = OrtViT(files["onnx int8"], model, threads=torch.get_num_threads())
     result: dict[str, Any] = {"model": name, "input": list(shape), "quantize_seconds": quantize_seconds,
-                              "int8_unquantized_precision": precision,
+                              "int8_unquantized_precision": precision, "tune_for_batch": args.tune_for_batch,
+                              "latency_up_to_batch": variants["int8 package"].latency_up_to_batch,
                               "calibration": data.source, "calibration_images": len(data),
                               "sizes_bytes": {k: p.stat().st_size for k, p in files.items() if p.exists()},
                               "latency": {}}
@@ -136,16 +140,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for result in results:
         sizes = result["sizes_bytes"]
         fp32 = sizes.get("fp32 state dict", 1)
+        tuned = (f", GEMMs tuned at batch {result['tune_for_batch']} run up to batch "
+                 f"{result['latency_up_to_batch']}" if result["tune_for_batch"] else "")
         lines.append(f"{result['model']} {tuple(result['input'])}, int8 with {result['int8_unquantized_precision']} "
-                     "unquantized ops: sizes " + ", ".join(
+                     f"unquantized ops{tuned}: sizes " + ", ".join(
             f"{k} {v / 1e6:.2f} MB ({100 * v / fp32:.0f}%)" for k, v in sizes.items()))
         variants = list(next(iter(result["latency"].values())))
-        # the last column: our package (the faster one, with --tune-for-batch) against the faster FP32 compile
+        # the last column: our package, as smi quantize saves it, against the faster FP32 compile
         table = [["batch", *variants, "int8 package vs faster FP32 compiled"]]
         for batch, rows in result["latency"].items():
             base = rows["fp32 eager"]["median_s"]
             fp32 = min(rows[v]["median_s"] for v in ("fp32 compiled", "fp32 package"))
-            ours = min(rows[v]["median_s"] for v in variants if v.startswith("int8 package"))
+            ours = rows["int8 package"]["median_s"]
             table.append([batch] + [f"{1000 * rows[v]['median_s']:.2f} ms (x{base / rows[v]['median_s']:.2f})"
                                     for v in variants] + [f"{fp32 / ours:.2f}x"])
         header = table[0]
@@ -172,8 +178,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime variants")
     parser.add_argument("--unquantized-precision", default="auto", choices=UNQUANTIZED_PRECISIONS,
                         help="the int8 model's unquantized ops (default: %(default)s, as smi quantize)")
-    parser.add_argument("--tune-for-batch", type=int, default=0,
-                        help="also time the int8 package compiled with --tune-for-batch N (as smi quantize)")
+    parser.add_argument("--tune-for-batch", type=int, default=InvertedPTQConfig().tune_for_batch,
+                        help="the int8 package's tuned GEMM kernels, as smi quantize (default: %(default)s; "
+                             "0: oneDNN's only, and no 'oneDNN only' variant)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

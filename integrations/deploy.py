@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 FORMAT = "smi-plugin/quantized-vit/v1"
 MODEL_FILE = "model.pt2"
 PACKAGE_FILE = "compiled.pt2"
+# The compiles a package holds: oneDNN's GEMM kernels (the package's default model) and, with
+# tune_for_batch, GEMMs tuned for small batches.
+DEFAULT_MODEL, LATENCY_MODEL = "model", "latency"
 CARD_FILE = "card.json"
 # What a compiled program's unquantized ops run in: the autocast dtype of each resolved precision.
 AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -195,19 +198,33 @@ def cpu_target() -> str:
 class CompiledPackage(nn.Module):
     """An AOTInductor package loaded for inference: images ``(B, C, H, W)`` -> float32 logits.
 
-    No compile on load, any batch size up to the exported bound, kernels called from C++.
-    ``path``: the package file; ``cpu_target`` and ``tuned_for_batch``: how it was compiled, where known.
+    No compile on load, any batch size up to the exported bound, kernels called from C++. A package
+    compiled with ``tune_for_batch`` holds two compiles of one program: ``"model"`` (oneDNN's GEMM
+    kernels, what ``torch._inductor.aoti_load_package`` loads) and ``"latency"`` (GEMM kernels tuned at a
+    small batch); batches of up to ``latency_up_to_batch`` images run the latter.
+
+    Args:
+        path: the package file.
+        cpu_target, tuned_for_batch: how it was compiled, where known.
+        latency_up_to_batch: the largest batch the ``"latency"`` compile runs (0: it is not used).
+        keep_alive: the temporary directory of a package not saved yet.
     """
 
     def __init__(self, path: str | os.PathLike, cpu_target: str | None = None, tuned_for_batch: int = 0,
-                 keep_alive: Any = None) -> None:
+                 latency_up_to_batch: int = 0, keep_alive: Any = None) -> None:
+        from torch._inductor.package import load_package
+
         super().__init__()
         self.path, self.cpu_target, self.tuned_for_batch = Path(path), cpu_target, tuned_for_batch
-        self._runner = torch._inductor.aoti_load_package(str(path))
-        self._keep_alive = keep_alive  # the temporary directory of a package not saved yet
+        self.latency_up_to_batch = latency_up_to_batch
+        self._runner = load_package(str(path), DEFAULT_MODEL)
+        self._latency_runner = load_package(str(path), LATENCY_MODEL) if latency_up_to_batch else None
+        self._keep_alive = keep_alive
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[0] <= self.latency_up_to_batch:
+            return self._latency_runner(pixel_values)
         return self._runner(pixel_values)
 
 
@@ -222,11 +239,15 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
         unquantized_precision: ``"float32"`` or ``"bfloat16"`` autocast for the ops not quantized.
         image_shape: ``(C, H, W)``; read from the program's input when ``None``.
         max_batch: the largest batch size the package accepts (an exported program's own bound, if lower).
-        tune_for_batch: ``N > 0`` chooses each GEMM's kernel by timing candidates at batch ``N`` (2 for
-            1: exporting at batch 1 would fix the batch size) with inductor's ``max_autotune`` (its AMX
-            micro-kernel templates against oneDNN), kept for every batch size; ``0`` keeps oneDNN's
-            kernels. See ``InvertedPTQConfig.tune_for_batch``.
+        tune_for_batch: ``N > 0`` compiles the program a second time with each GEMM's kernel chosen by
+            timing candidates at batch ``N`` (2 for 1: exporting at batch 1 would fix the batch size) with
+            inductor's ``max_autotune`` (its AMX micro-kernel templates against oneDNN), then times both
+            compiles at batch 1, 2, 4, ...: the tuned one runs the batch sizes up to the last at which it
+            was faster (``latency_up_to_batch``) and is left out of the package if it never was.
+            ``0``: one compile with oneDNN's kernels. See ``InvertedPTQConfig.tune_for_batch``.
     """
+    from torch._inductor.package import package_aoti
+
     dtype = _autocast_dtype(unquantized_precision)
     if isinstance(model, torch.export.ExportedProgram):
         _register_x86_lowering()  # the program holds torchao's quantize/dequantize ops
@@ -247,16 +268,65 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
         path = Path(keep_alive.name) / PACKAGE_FILE
     # The example's batch is the size hint kernels are tuned at; batch 1 would specialize the graph to 1.
     example = torch.zeros(max(2, tune_for_batch), *image_shape, device=_device_of(module))
-    options: dict[str, Any] = {"freezing": True}
+    compiles = {DEFAULT_MODEL: {}}
     if tune_for_batch:
-        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+        compiles[LATENCY_MODEL] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
     with torch.no_grad():
         program = torch.export.export(module, (example,),
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=max_batch)},))
         started = time.perf_counter()
-        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options)
-    logger.info("compiled %s ahead of time in %.1f s", Path(path).name, time.perf_counter() - started)
-    return CompiledPackage(path, cpu_target(), tune_for_batch, keep_alive)
+        graph = program.module(check_guards=False)
+        # Generated files keep their content-hashed names (aot_inductor.model_name_for_generated_files
+        # would name them after the model, and inductor's cache would then reuse the first such file for
+        # every later program: stale constants, garbage logits, torch 2.14); packaging names the models.
+        files = {name: torch._inductor.aot_compile(graph, (example,),
+                                                   options={"freezing": True, "aot_inductor.package": True, **options})
+                 for name, options in compiles.items()}
+    package_aoti(str(path), files)
+    latency_up_to_batch = 0
+    if tune_for_batch:
+        latency_up_to_batch = measure_latency_crossover(path, image_shape, min(max_batch, max(64, 2 * tune_for_batch)))
+        if not latency_up_to_batch:  # the tuned kernels were slower even at batch 1: not shipped
+            package_aoti(str(path), {DEFAULT_MODEL: files[DEFAULT_MODEL]})
+    logger.info("compiled %s ahead of time in %.1f s%s", Path(path).name, time.perf_counter() - started,
+                f" (kernels tuned at batch {tune_for_batch} run batches up to {latency_up_to_batch})"
+                if tune_for_batch else "")
+    return CompiledPackage(path, cpu_target(), tune_for_batch, latency_up_to_batch, keep_alive)
+
+
+def measure_latency_crossover(path: str | os.PathLike, image_shape: tuple[int, ...], largest_batch: int,
+                              repeats: int = 5, min_sqnr_db: float = 30.0) -> int:
+    """The largest batch ``1, 2, 4, ... <= largest_batch`` up to which the package's ``"latency"`` compile
+    ran faster than its ``"model"`` compile at every probed size (0: not even at batch 1, or its logits
+    differ from the other compile's by more than bfloat16 rounding: below ``min_sqnr_db``).
+
+    The two are called alternately, so a machine that slows down or speeds up meanwhile slows both.
+    """
+    from torch._inductor.package import load_package
+
+    from smi_plugin.evaluation import sqnr_db
+
+    runners = load_package(str(path), DEFAULT_MODEL), load_package(str(path), LATENCY_MODEL)
+    crossover, batch = 0, 1
+    with torch.no_grad():
+        while batch <= largest_batch:
+            inputs = torch.randn(batch, *image_shape)
+            agreement = sqnr_db(*(runner(inputs).float() for runner in runners))
+            if agreement < min_sqnr_db:
+                logger.warning("the GEMM kernels tuned by max_autotune disagree with oneDNN's at batch %d (%.1f dB "
+                               "logit SQNR): left out of the package", batch, agreement)
+                return 0
+            times: tuple[list[float], list[float]] = ([], [])
+            for _ in range(repeats):
+                for runner, record in zip(runners, times):
+                    started = time.perf_counter()
+                    runner(inputs)
+                    record.append(time.perf_counter() - started)
+            default_seconds, latency_seconds = (sorted(t)[len(t) // 2] for t in times)
+            if latency_seconds >= default_seconds:
+                break
+            crossover, batch = batch, 2 * batch
+    return crossover
 
 
 def save_quantized(program: torch.export.ExportedProgram, directory: str | os.PathLike, card: dict[str, Any],
@@ -280,7 +350,8 @@ def save_quantized(program: torch.export.ExportedProgram, directory: str | os.Pa
             shutil.copyfile(compiled.path, staging / PACKAGE_FILE)
             card["files"][PACKAGE_FILE] = (staging / PACKAGE_FILE).stat().st_size
             card["compiled"] = {"file": PACKAGE_FILE, "cpu_target": compiled.cpu_target or cpu_target(),
-                                "tuned_for_batch": compiled.tuned_for_batch}
+                                "tuned_for_batch": compiled.tuned_for_batch,
+                                "latency_up_to_batch": compiled.latency_up_to_batch}
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
         os.chmod(staging, 0o777 & ~current_umask())
         if target.exists():
@@ -368,7 +439,7 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
     if compile and package and (Path(directory) / package["file"]).exists():
         if package.get("cpu_target") == cpu_target():
             return CompiledPackage(Path(directory) / package["file"], package["cpu_target"],
-                                   package.get("tuned_for_batch", 0))
+                                   package.get("tuned_for_batch", 0), package.get("latency_up_to_batch", 0))
         logger.info("%s was compiled for a CPU with %s, this one has %s: compiling %s here instead", directory,
                     package.get("cpu_target"), cpu_target(), MODEL_FILE)
     program = torch.export.load(Path(directory) / MODEL_FILE)
@@ -410,7 +481,7 @@ def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.T
 
 def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
                             range_estimator: str = "auto", backend: str = "pt2e", test_split: Any = None,
-                            unquantized_precision: str = "auto", tune_for_batch: int = 0,
+                            unquantized_precision: str = "auto", tune_for_batch: int = 1,
                             eval_images: int | None = None,
                             eval_batch_size: int = 500,
                             calibration: dict[str, Any] | None = None, teacher_name: str | None = None,
