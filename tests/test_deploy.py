@@ -317,7 +317,7 @@ def test_the_tuned_compile_runs_the_batches_at_which_it_measured_faster(monkeypa
 
     runners = {"model": _SleepingRunner(0.004, 0.0, 1.0), "latency": _SleepingRunner(*latency, 1.0)}
     monkeypatch.setattr(torch._inductor.package, "load_package", lambda path, name: runners[name])
-    assert measure_latency_crossover("p.pt2", (3, 4, 4), largest_batch=64, repeats=3) == expected
+    assert measure_latency_crossover("p.pt2", (3, 4, 4), largest_batch=64, rounds=2, repeats=2) == expected
 
 
 def test_a_tuned_compile_that_disagrees_with_onednn_is_left_out(monkeypatch, caplog):

@@ -116,8 +116,10 @@ def format_summary(card: dict, out) -> str:
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
-    files = card["files"]
-    package = f", {out}/compiled.pt2 ({files['compiled.pt2'] / 1e6:.2f} MB, compiled for this CPU)" \
+    files, compiled = card["files"], card.get("compiled") or {}
+    tuned = f"; GEMMs tuned for batch {compiled['tuned_for_batch']} run batches up to " \
+        f"{compiled['latency_up_to_batch']}" if compiled.get("tuned_for_batch") else ""
+    package = f", {out}/compiled.pt2 ({files['compiled.pt2'] / 1e6:.2f} MB, compiled for this CPU{tuned})" \
         if "compiled.pt2" in files else ""
     lines = [f"saved {card['scheme']} int8 model of {card['teacher']} to {out}/model.pt2 "
              f"({files['model.pt2'] / 1e6:.2f} MB){package} and card.json; unquantized ops in "
