@@ -305,7 +305,7 @@ def measure_latency_crossover(path: str | os.PathLike, image_shape: tuple[int, .
 
     Each size is timed in ``rounds`` alternating blocks of ``repeats`` calls per compile, each block after
     one untimed call: a model in use runs call after call with its weights in cache, and a machine that
-    slows down or speeds up meanwhile slows both; the medians are compared.
+    slows down or speeds up meanwhile slows both; the medians of the block medians are compared.
     """
     from torch._inductor.package import load_package
 
@@ -321,15 +321,10 @@ def measure_latency_crossover(path: str | os.PathLike, image_shape: tuple[int, .
                 logger.warning("the GEMM kernels tuned by max_autotune disagree with oneDNN's at batch %d (%.1f dB "
                                "logit SQNR): left out of the package", batch, agreement)
                 return 0
-            times: tuple[list[float], list[float]] = ([], [])
-            for _ in range(rounds):
-                for runner, record in zip(runners, times):
-                    runner(inputs)  # caches hold the other compile's weights: refill them untimed
-                    for _ in range(repeats):
-                        started = time.perf_counter()
-                        runner(inputs)
-                        record.append(time.perf_counter() - started)
-            default_seconds, latency_seconds = (sorted(t)[len(t) // 2] for t in times)
+            # per block, the median after one untimed call (caches hold the other compile's weights)
+            blocks = [[timed_calls(runner, inputs, repeats)[0]["median_s"] for runner in runners]
+                      for _ in range(rounds)]
+            default_seconds, latency_seconds = (sorted(column)[rounds // 2] for column in zip(*blocks))
             if latency_seconds >= default_seconds:
                 break
             crossover, batch = batch, 2 * batch
