@@ -298,33 +298,47 @@ def test_tune_for_batch_adds_a_compile_with_gemm_kernels_timed_at_that_batch(in_
         InvertedPTQConfig(tune_for_batch=-1)
 
 
-class _SleepingRunner:
-    """Stands in for a loaded compile: sleeps ``fixed + per_image * batch`` seconds, returns ``logits``."""
+class _FakeClock:
+    """``time.perf_counter`` for runners that take a known time: only they advance it (real sleeps overshoot
+    by milliseconds on a loaded machine, which made the crossover test flaky in CI)."""
 
-    def __init__(self, fixed: float, per_image: float, logits: float) -> None:
-        self.fixed, self.per_image, self.logits = fixed, per_image, logits
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _TimedRunner:
+    """Stands in for a loaded compile: takes ``fixed + per_image * batch`` seconds of ``clock``, returns ``logits``."""
+
+    def __init__(self, clock: _FakeClock, fixed: float, per_image: float, logits: float) -> None:
+        self.clock, self.fixed, self.per_image, self.logits = clock, fixed, per_image, logits
 
     def __call__(self, images):
-        time.sleep(self.fixed + self.per_image * images.shape[0])
+        self.clock.now += self.fixed + self.per_image * images.shape[0]
         return torch.full((images.shape[0], 3), self.logits)
+
+
+def _patch_runners(monkeypatch, default: tuple[float, float, float], latency: tuple[float, float, float]) -> None:
+    import torch._inductor.package
+
+    clock = _FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    runners = {"model": _TimedRunner(clock, *default), "latency": _TimedRunner(clock, *latency)}
+    monkeypatch.setattr(torch._inductor.package, "load_package", lambda path, name: runners[name])
 
 
 @pytest.mark.parametrize("latency, expected", [((0.0, 0.0004), 8),    # 3.2 ms < 4 ms at 8, 6.4 ms > 4 ms at 16
                                                ((0.005, 0.0), 0),     # slower even at batch 1
                                                ((0.0, 0.00001), 64)])  # faster up to the largest probe
 def test_the_tuned_compile_runs_the_batches_at_which_it_measured_faster(monkeypatch, latency, expected):
-    import torch._inductor.package
-
-    runners = {"model": _SleepingRunner(0.004, 0.0, 1.0), "latency": _SleepingRunner(*latency, 1.0)}
-    monkeypatch.setattr(torch._inductor.package, "load_package", lambda path, name: runners[name])
+    _patch_runners(monkeypatch, (0.004, 0.0, 1.0), (*latency, 1.0))
     assert measure_latency_crossover("p.pt2", (3, 4, 4), largest_batch=64, rounds=2, repeats=2) == expected
 
 
 def test_a_tuned_compile_that_disagrees_with_onednn_is_left_out(monkeypatch, caplog):
-    import torch._inductor.package
-
-    runners = {"model": _SleepingRunner(0.004, 0.0, 1.0), "latency": _SleepingRunner(0.0, 0.0, -1.0)}
-    monkeypatch.setattr(torch._inductor.package, "load_package", lambda path, name: runners[name])
+    _patch_runners(monkeypatch, (0.004, 0.0, 1.0), (0.0, 0.0, -1.0))
     with caplog.at_level("WARNING"):
         assert measure_latency_crossover("p.pt2", (3, 4, 4), largest_batch=64) == 0
     assert "disagree with oneDNN's at batch 1" in caplog.text
