@@ -40,7 +40,7 @@ def export_patch_onnx(model: nn.Module, path: str | os.PathLike, image_size: tup
     check_vit(model)
     model = copy.deepcopy(model).eval().requires_grad_(False).cpu()
     grid = patch_grid(model, image_size)
-    wrapper = PatchLevelViT(model, grid.image_size)
+    wrapper = PatchLevelViT(model, grid.image_size).eval()  # a new module starts in training mode
     example = (torch.zeros(2, grid.num_patches, grid.patch_dim),
                torch.arange(grid.num_patches).expand(2, -1).contiguous())
     path = str(path)
