@@ -191,9 +191,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results.append(bench_model(name, [int(b) for b in batches.split(",")], args, Path(tmp)))
     import torchao
 
-    report = {"torch": torch.__version__, "torchao": torchao.__version__, "threads": torch.get_num_threads(),
+    from smi_plugin.integrations.deploy import cpu_target
+
+    # the instruction sets decide the kernels (AMX or AVX512-VNNI int8 GEMMs): the figures belong to them
+    report = {"torch": torch.__version__, "torchao": torchao.__version__, "cpu_target": cpu_target(),
+              "threads": torch.get_num_threads(),
               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "repeats": args.repeats, "results": results}
     print(format_table(results))
+    print(f"CPU instruction sets (inductor's target): {report['cpu_target']}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report

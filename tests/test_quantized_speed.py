@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from smi_plugin.integrations.deploy import cpu_target
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -22,6 +24,7 @@ def test_quantized_speed_reports_latency_and_sizes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     (digits,) = report["results"]
+    assert report["cpu_target"] == cpu_target() and f"inductor's target): {cpu_target()}" in result.stdout
     rows = digits["latency"]["4"]
     assert set(rows) == {"fp32 eager", "fp32 compiled", "fp32 package", "bf16 compiled", "int8 compiled",
                          "int8 package", "ort fp32", "ort int8"}
