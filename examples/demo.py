@@ -54,12 +54,13 @@ class DemoConfig:
     eval_batch_size: int = 100  # the int8 model's evaluation and latency batch
     eval_images: int | None = None
     schemes: tuple[str, ...] = ("w8a8", "w4a8")
+    tune_for_batch: int = 1  # smi quantize's default: a second compile with GEMMs tuned for batch 1
 
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(iterations=40, calibration_images=16, kd_minutes=0.0, eval_batch_size=100, eval_images=500,
                    kd_flags=("--steps", "8", "--pool-size", "32", "--batch-size", "16", "--iterations", "8",
-                             "--kd-batch-size", "16", "--eval-every", "8"), schemes=("w8a8",))
+                             "--kd-batch-size", "16", "--eval-every", "8"), schemes=("w8a8",), tune_for_batch=0)
 
 
 def inversion_config(iterations: int, sparse: bool, seed: int = 0) -> InversionConfig:
@@ -155,6 +156,7 @@ def _deploy(teacher, sparse, test, config: DemoConfig, directory: Path) -> dict[
     program, compiled, card = quantize_for_deployment(teacher, data, "w8a8", test_split=test,
                                                       teacher_name=config.teacher,
                                                       eval_batch_size=config.eval_batch_size,
+                                                      tune_for_batch=config.tune_for_batch,
                                                       calibration={"seed": 0,
                                                                    "inversion": sparse.provenance.get("config")})
     save_quantized(program, directory, card, compiled)
@@ -172,11 +174,12 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
 
     directory, summary = out / "student", out / "student.json"
     length = ["--minutes", str(config.kd_minutes)] if config.kd_minutes else []
-    smi(["distill", "--teacher", config.kd_teacher, *length, *config.kd_flags, "--out", str(directory),
+    subset = ["--eval-images", str(config.eval_images)] if config.eval_images else []
+    smi(["distill", "--teacher", config.kd_teacher, *length, *config.kd_flags, *subset, "--out", str(directory),
          "--json", str(summary)])
     result = json.loads(summary.read_text())
     student = load_teacher(str(directory))
-    test = load_split(load_card(config.kd_teacher)["dataset"], "test")  # the whole split, as smi distill judges
+    test = _heldout(load_card(config.kd_teacher)["dataset"], config.eval_images)  # the images smi distill judged on
     result["reloaded_top1"] = evaluate_accuracy(student, test, *model_normalization(student))
     result["directory"] = str(directory)
     curve = [(minutes, accuracy) for (_, minutes), (_, accuracy) in zip(result["curve_minutes"], result["curve"])]

@@ -20,6 +20,7 @@ from smi_plugin.distill import (
     sample_batch,
     save_student,
 )
+from smi_plugin.evaluation import evaluate_accuracy
 from smi_plugin.images import model_normalization
 
 
@@ -389,9 +390,16 @@ def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, c
     main(["distill", "--teacher", "digits-vit", "--mode", "full", "--source", "pool", "--num-images", "40",
           "--iterations", "20",
           "--batch-size", "40", "--tie-channels", "--steps", "120", "--seed", "0", "--eval-every", "1000",
-          "--json", str(tmp_path / "kd.json"), "--out", str(out)])
+          "--eval-images", "90", "--json", str(tmp_path / "kd.json"), "--out", str(out)])
     report = json.loads((tmp_path / "kd.json").read_text())
     assert {"teacher_accuracy", "student_accuracy", "inverted_images", "mode", "failed"} <= set(report)
+    # judged on the first 90 held-out digits: the teacher's figure is its accuracy on exactly those
+    test = load_split("digits", "test")
+    first_90 = test.subset(torch.arange(len(test)) < 90)
+    teacher = load_teacher("digits-vit")
+    assert report["eval_images"] == 90
+    assert report["teacher_accuracy"] == evaluate_accuracy(teacher, first_90, *model_normalization(teacher))
+    assert round(report["student_accuracy"] * 90, 4) % 1 == 0
     assert report["mode"] == "full" and report["inverted_images"] == 40
     assert report["student_accuracy"] == report["curve"][-1][1] and report["curve"][-1][0] == 120
     assert report["failed"] == failed(report["student_accuracy"], 10)
@@ -400,7 +408,7 @@ def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, c
     assert json.loads(capsys.readouterr().out)["failed"] == report["failed"]  # stdout stays JSON
     student = load_teacher(str(out))
     card = json.loads((out / "student.json").read_text())
-    assert card["architecture"] == "vit_tiny_patch16_224" and card["num_classes"] == 10
+    assert card["architecture"] == "vit_tiny_patch16_224" and card["num_classes"] == 10 and card["eval_images"] == 90
     assert abs(card["accuracy"] - report["student_accuracy"]) < 1e-9 and student.num_classes == 10
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from ..batch import balanced_labels
 from ..config import PRESETS, InversionConfig
 from ..data import (
@@ -146,26 +148,38 @@ def teacher_splits(args: argparse.Namespace, teacher):
         raise CLIError(str(err)) from err
 
 
+def add_evaluation_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--dataset`` and ``--eval-images``: which real held-out images judge the commands' results."""
+    group.add_argument("--dataset", default=None, choices=list(DATASETS),
+                       help="real data to evaluate on (default: the zoo teacher's)")
+    group.add_argument("--eval-images", type=int, default=None, metavar="N",
+                       help="evaluate on the first N held-out images only (default: all of them)")
+
+
 def evaluation_split(args: argparse.Namespace, teacher) -> ImageSplit | None:
     """Real held-out images to judge ``teacher`` on, or None when there are none ("nothing evaluated").
 
     Order: ``--eval-data PATH`` (read at the teacher's input size and channels), else ``--dataset``
-    where the command has it, else the zoo card's dataset.
+    where the command has it, else the zoo card's dataset; the first ``--eval-images`` of them where given.
     """
-    path = getattr(args, "eval_data", None)
+    path, first = getattr(args, "eval_data", None), getattr(args, "eval_images", None)
+    if first is not None and first < 1:
+        raise CLIError(f"--eval-images must be at least 1, got {first}")
     if path:
         channels, height, width = _input_size(teacher)
         try:
-            return load_eval_data(path, (height, width), channels, num_classes=int(teacher.num_classes))
+            split = load_eval_data(path, (height, width), channels, num_classes=int(teacher.num_classes))
         except EvalDataError as err:
             raise CLIError(f"--eval-data: {err}") from err
-    name = teacher_dataset(args, teacher)
-    if name is None:
-        return None
-    try:
-        return load_split(name, "test")
-    except (DatasetNotFoundError, ValueError) as err:
-        raise CLIError(str(err)) from err
+    else:
+        name = teacher_dataset(args, teacher)
+        if name is None:
+            return None
+        try:
+            split = load_split(name, "test")
+        except (DatasetNotFoundError, ValueError) as err:
+            raise CLIError(str(err)) from err
+    return split.subset(torch.arange(len(split)) < first) if first else split
 
 
 def _input_size(teacher) -> tuple[int, int, int]:

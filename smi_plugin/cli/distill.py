@@ -32,6 +32,7 @@ from ..inverter import SparseInverter
 from ..io import atomic_write_text
 from ..zoo import RECIPES, TeacherError, load_card, load_teacher
 from .common import (
+    add_evaluation_arguments,
     add_inversion_arguments,
     add_teacher_arguments,
     evaluation_split,
@@ -74,8 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--student-checkpoint", default=None, help="timm student: a local checkpoint")
     group.add_argument("--num-images", type=int, default=None, help="inverted images: the pool of --source pool "
                        "(default: 256), the images under inversion of --source online (default: --pool-size)")
-    group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
-                       help="real data to evaluate on (default: the zoo teacher's)")
+    add_evaluation_arguments(group)
     group.add_argument("--out", default=None, help="checkpoints (resumable), history.json, learning_curve.png "
                        "and the student: student.safetensors + student.json, loadable by load_teacher(DIR)")
     group.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> None:
               "inverted_images": trainer.images_seen,
               "teacher_accuracy": evaluate_accuracy(teacher, test, mean, std, device=device) if test is not None else None,
               "student_accuracy": accuracy, "chance_accuracy": 1 / classes,
+              "eval_images": len(test) if test is not None else None,
               "failed": accuracy is not None and failed(accuracy, classes),
               "steps": trainer.step, "curve": history["eval"], "curve_minutes": history["minutes"],
               "kd_loss": history["kd_loss"], "inversion": config.to_dict(),
@@ -198,7 +199,8 @@ def run(args: argparse.Namespace) -> None:
     if args.out:
         card = {"architecture": architecture, "model_kwargs": model_kwargs, "num_classes": classes,
                 "mean": list(mean), "std": list(std), "accuracy": accuracy, "failed": result["failed"],
-                "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or teacher_dataset(args, teacher)}
+                "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or teacher_dataset(args, teacher),
+                "eval_images": result["eval_images"]}
         result["student_path"] = str(save_student(trainer.accelerator.unwrap_model(trainer.student), args.out, card))
     print(json.dumps({k: result[k] for k in ("mode", "source", "schedule", "inverted_images", "teacher_accuracy",
                                              "student_accuracy", "failed")}, indent=2))

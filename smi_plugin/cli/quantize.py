@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from ..io import atomic_write_text
-from .common import (add_inversion_arguments, add_teacher_arguments, csv, evaluation_split, inversion_config,
-                     load_teacher_from_args, teacher_splits)
+from .common import (add_evaluation_arguments, add_inversion_arguments, add_teacher_arguments, csv, evaluation_split,
+                     inversion_config, load_teacher_from_args, teacher_splits)
 from ..integrations.torchao import InvertedPTQConfig
 from .options import CLIError, add_config_arguments, config_from_args
 
@@ -45,9 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "given), dense, gaussian, real, or a dataset directory "
                             f"(default: sparse; with --compare a comma-separated list, default {COMPARE_SOURCES})")
     group.add_argument("--num-calibration", type=int, default=32, help="calibration images (default: %(default)s)")
-    group.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N held-out images")
-    group.add_argument("--dataset", default=None, choices=["fashion-mnist", "digits"],
-                       help="real data to evaluate on (default: the zoo teacher's)")
+    add_evaluation_arguments(group)
     add_config_arguments(parser, InvertedPTQConfig, "quantization (InvertedPTQConfig)", prefix="ptq_",
                          prefixed=PTQ_PREFIXED)
     compare = parser.add_argument_group("comparing calibration sources (--compare)")
@@ -102,7 +100,7 @@ def run_deploy(args: argparse.Namespace) -> None:
                       "inversion": config.to_dict() if source in ("sparse", "dense") else None}
         program, compiled, card = quantize_for_deployment(
             teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
-            backend=args.backend, test_split=test, eval_images=args.eval_images, calibration=provenance,
+            backend=args.backend, test_split=test, calibration=provenance,
             unquantized_precision=args.unquantized_precision, tune_for_batch=args.tune_for_batch,
             **args.ptq_options, teacher_name=args.teacher)
         out = save_quantized(program, args.out, card, compiled)
@@ -152,8 +150,7 @@ def run_compare(args: argparse.Namespace) -> None:
             teacher, test, train, sources=csv(args.calibration or COMPARE_SOURCES), schemes=csv(args.schemes),
             coverages=csv(args.coverages), seeds=[int(s) for s in csv(args.seeds)],
             num_calibration=args.num_calibration, inversion=config, backend=args.backend,
-            range_estimator=csv(args.range_estimators) if args.range_estimators else args.range_estimator,
-            eval_images=args.eval_images)
+            range_estimator=csv(args.range_estimators) if args.range_estimators else args.range_estimator)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
     print(format_report(report))
