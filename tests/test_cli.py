@@ -33,6 +33,7 @@ def _smi(capsys, *args) -> SimpleNamespace:
     (["invert", "--teacher", "digits-vit", "--labels", "0,12", "--out", "x"], "outside"),
     (["invert", "--teacher", "digits-vit", "--num-images", "2", "--config", "missing.yaml", "--out", "x"], "not found"),
     (["distill", "--teacher", "digits-vit", "--mode", "linear-probe"], "pretrained backbone"),
+    (["distill", "--teacher", "digits-vit", "--eval-images", "0"], "--eval-images: must be a positive integer"),
 ])
 def test_cli_errors_say_what_to_do(tmp_path, capsys, args, message):
     result = _smi(capsys, *[str(tmp_path / a) if a in ("x",) else a for a in args])

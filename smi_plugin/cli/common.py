@@ -25,6 +25,7 @@ from .options import (
     accept_negative_lists,
     add_config_arguments,
     config_from_args,
+    positive_int,
     read_config_file,
 )
 
@@ -152,7 +153,7 @@ def add_evaluation_arguments(group: argparse._ArgumentGroup) -> None:
     """``--dataset`` and ``--eval-images``: which real held-out images judge the commands' results."""
     group.add_argument("--dataset", default=None, choices=list(DATASETS),
                        help="real data to evaluate on (default: the zoo teacher's)")
-    group.add_argument("--eval-images", type=int, default=None, metavar="N",
+    group.add_argument("--eval-images", type=positive_int, default=None, metavar="N",
                        help="evaluate on the first N held-out images only (default: all of them)")
 
 
@@ -163,8 +164,6 @@ def evaluation_split(args: argparse.Namespace, teacher) -> ImageSplit | None:
     where the command has it, else the zoo card's dataset; the first ``--eval-images`` of them where given.
     """
     path, first = getattr(args, "eval_data", None), getattr(args, "eval_images", None)
-    if first is not None and first < 1:
-        raise CLIError(f"--eval-images must be at least 1, got {first}")
     if path:
         channels, height, width = _input_size(teacher)
         try:
