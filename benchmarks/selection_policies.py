@@ -143,7 +143,7 @@ def run_teacher(args: argparse.Namespace, name: str) -> dict:
     teacher, card = load_teacher(name), load_card(name)
     mean, std = model_normalization(teacher)
     test = load_split(card["dataset"], "test")
-    test = test.subset(torch.arange(len(test)) < args.eval_images)
+    test = test.first(args.eval_images)
     grayscale = test.pixels.shape[1] == 1
     class_names = card.get("class_names") or list(test.class_names)
     with torch.no_grad():

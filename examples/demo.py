@@ -142,7 +142,7 @@ def run(config: DemoConfig, out: Path) -> dict[str, Any]:
 def _heldout(dataset: str, eval_images: int | None):
     """The dataset's real held-out test split, or its first ``eval_images``."""
     test = load_split(dataset, "test")
-    return test.subset(torch.arange(len(test)) < eval_images) if eval_images else test
+    return test.first(eval_images)
 
 
 def _deploy(teacher, sparse, test, config: DemoConfig, directory: Path) -> dict[str, Any]:

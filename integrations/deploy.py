@@ -536,8 +536,7 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
     }
     mean, std = model_normalization(teacher)
     if test_split is not None:
-        if eval_images:
-            test_split = test_split.subset(torch.arange(len(test_split)) < eval_images)
+        test_split = test_split.first(eval_images)
         started = time.perf_counter()
         quantized = predict_logits(compiled, test_split, mean, std, batch_size=eval_batch_size)
         first_pass = time.perf_counter() - started

@@ -66,8 +66,7 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
 
     inversion = inversion or InversionConfig(iterations=300, schedule=StoppingSchedule.paper_scaled(300))
     mean, std = model_normalization(teacher)
-    if eval_images:
-        test_split = test_split.subset(torch.arange(len(test_split)) < eval_images)
+    test_split = test_split.first(eval_images)
     with torch.no_grad():
         reference = predict_logits(teacher, test_split, mean, std)
     estimators = [range_estimator] if isinstance(range_estimator, str) else list(range_estimator)

@@ -89,6 +89,12 @@ class ImageSplit:
         """The rows where ``keep`` (bool ``(N,)``) holds; class names unchanged."""
         return ImageSplit(self.name, self.split, self.pixels[keep], self.labels[keep], self.class_names)
 
+    def first(self, count: int | None) -> "ImageSplit":
+        """The first ``count`` images (all of them when ``count`` is None, 0 or at least the split's length)."""
+        if not count or count >= len(self):
+            return self
+        return ImageSplit(self.name, self.split, self.pixels[:count], self.labels[:count], self.class_names)
+
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std of the split in [0, 1] pixel units (grayscale: repeated over RGB)."""
         values = self.pixels.float().div(255.0)

@@ -4,7 +4,7 @@ import struct
 import pytest
 import torch
 
-from smi_plugin.data import DatasetNotFoundError, load_split, scatter_objects
+from smi_plugin.data import DatasetNotFoundError, ImageSplit, load_split, scatter_objects
 
 
 def test_digits_splits_are_disjoint_and_stratified():
@@ -135,3 +135,11 @@ def test_eval_data_errors_say_what_to_do(tmp_path):
     _image_folder(tmp_path / "many", ["a", "b", "c"])
     with pytest.raises(EvalDataError, match="3 classes but the model has 2 outputs"):
         load_eval_data(tmp_path / "many", 32, num_classes=2)
+
+
+def test_first_keeps_the_leading_images_in_order():
+    pixels = torch.arange(5 * 4, dtype=torch.uint8).reshape(5, 1, 2, 2)
+    split = ImageSplit("toy", "test", pixels, torch.tensor([3, 1, 4, 1, 5]), ["c"] * 6)
+    head = split.first(2)
+    assert torch.equal(head.pixels, pixels[:2]) and head.labels.tolist() == [3, 1] and head.class_names == split.class_names
+    assert split.first(None) is split and split.first(0) is split and split.first(9) is split

@@ -395,7 +395,7 @@ def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, c
     assert {"teacher_accuracy", "student_accuracy", "inverted_images", "mode", "failed"} <= set(report)
     # judged on the first 90 held-out digits: the teacher's figure is its accuracy on exactly those
     test = load_split("digits", "test")
-    first_90 = test.subset(torch.arange(len(test)) < 90)
+    first_90 = test.subset(torch.arange(len(test)) < 90)  # by hand, not ImageSplit.first
     teacher = load_teacher("digits-vit")
     assert report["eval_images"] == 90
     assert report["teacher_accuracy"] == evaluate_accuracy(teacher, first_90, *model_normalization(teacher))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
-
 from ..batch import balanced_labels
 from ..config import PRESETS, InversionConfig
 from ..data import (
@@ -178,7 +176,7 @@ def evaluation_split(args: argparse.Namespace, teacher) -> ImageSplit | None:
             split = load_split(name, "test")
         except (DatasetNotFoundError, ValueError) as err:
             raise CLIError(str(err)) from err
-    return split.subset(torch.arange(len(split)) < first) if first else split
+    return split.first(first)
 
 
 def _input_size(teacher) -> tuple[int, int, int]:
