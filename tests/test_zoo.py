@@ -93,15 +93,16 @@ def test_users_normalization_lands_in_pretrained_cfg_and_pth_checkpoints_load(tm
 
 
 def test_broken_checkpoints_are_named_for_what_they_are(tmp_path):
-    import os
+    import random
 
     import timm
     from safetensors.torch import save_file
 
-    (tmp_path / "noise.safetensors").write_bytes(os.urandom(200))
+    noise = random.Random(0).randbytes(200)  # fixed noise: os.urandom's first byte was sometimes pickle's PROTO
+    (tmp_path / "noise.safetensors").write_bytes(noise)
     with pytest.raises(TeacherError, match="not a valid safetensors file"):
         load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "noise.safetensors"))
-    (tmp_path / "noise.pth").write_bytes(os.urandom(200))
+    (tmp_path / "noise.pth").write_bytes(noise)
     with pytest.raises(TeacherError, match="not a torch checkpoint") as err:
         load_teacher("vit_tiny_patch16_224", checkpoint_path=str(tmp_path / "noise.pth"))
     assert "weights_only=False" not in str(err.value)
