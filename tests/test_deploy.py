@@ -40,10 +40,11 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def cli_output(tmp_path_factory):
-    """One run of ``smi quantize --out`` (sparse inversion, 16 calibration images)."""
+    """One run of ``smi quantize --out`` (sparse inversion, 16 calibration images), oneDNN's compile alone:
+    the default's second, GEMM-tuned compile (a minute or two of C++ builds) runs in the README's test."""
     out = tmp_path_factory.mktemp("quantize") / "model"
     main(["quantize", "--teacher", "digits-vit", "--iterations", "20", "--tie-channels", "--num-calibration", "16",
-          "--eval-images", str(EVAL_IMAGES), "--out", str(out)])
+          "--eval-images", str(EVAL_IMAGES), "--tune-for-batch", "0", "--out", str(out)])
     return out
 
 
@@ -79,10 +80,8 @@ def test_the_card_describes_the_model(cli_output):
     assert card["versions"]["torch"] == torch.__version__ and card["versions"]["torchao"]
     assert card["files"][MODEL_FILE] == (cli_output / MODEL_FILE).stat().st_size
     assert card["files"][PACKAGE_FILE] == (cli_output / PACKAGE_FILE).stat().st_size
-    # the default tunes GEMM kernels for batch 1: on the digits teacher they run about twice as fast there
-    assert card["compiled"] == {"file": PACKAGE_FILE, "cpu_target": cpu_target(), "tuned_for_batch": 1,
-                                "latency_up_to_batch": card["compiled"]["latency_up_to_batch"]}
-    assert card["compiled"]["latency_up_to_batch"] >= 1
+    assert card["compiled"] == {"file": PACKAGE_FILE, "cpu_target": cpu_target(), "tuned_for_batch": 0,
+                                "latency_up_to_batch": 0}
     assert sorted(p.name for p in cli_output.iterdir()) == [CARD_FILE, PACKAGE_FILE, MODEL_FILE]  # no temp files
 
 
@@ -119,14 +118,11 @@ def test_a_package_for_another_cpu_is_compiled_here_instead(cli_output, tmp_path
         fallback = load_quantized(elsewhere)
     assert isinstance(fallback, FrozenCompiled) and "compiled for a CPU with neon" in caplog.text
     package = load_quantized(cli_output)
-    assert isinstance(package, CompiledPackage) and package.latency_up_to_batch >= 1
-    # each of the package's two compiles, whichever batch sizes it runs, agrees with the just-in-time one
-    tuned_everywhere = CompiledPackage(package.path, latency_up_to_batch=len(real_images))
-    onednn_everywhere = CompiledPackage(package.path)
+    assert isinstance(package, CompiledPackage)
+    # the package, whichever batch sizes it runs, agrees with the just-in-time compile
     with torch.no_grad():
         jit = fallback(real_images)
-        for aot in (package(real_images), tuned_everywhere(real_images), onednn_everywhere(real_images),
-                    torch.cat([package(real_images[:1]), package(real_images[1:])])):
+        for aot in (package(real_images), torch.cat([package(real_images[:1]), package(real_images[1:])])):
             assert (jit.argmax(1) == aot.argmax(1)).float().mean() >= 0.98 and sqnr_db(aot, jit) > 30
 
 
