@@ -28,7 +28,7 @@ demo: install data
 	OMP_WAIT_POLICY=PASSIVE $(PY) examples/demo.py --out outputs/demo
 
 test: install data
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 bench: install
 	$(PY) benchmarks/inversion_speed.py --quick --json outputs/bench.json

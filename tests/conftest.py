@@ -27,9 +27,21 @@ def load_benchmark(name: str):
     return module
 
 
+# What a ``slow`` test without ``seconds=`` counts for when ordering files.
+SLOW_TEST_SECONDS = 10
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first, so the two workers start on the long ones and end on the short ones."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Files in decreasing order of their slow tests' ``slow(seconds=N)`` (their time in the suite on a
+    2-core CPU), so that pytest-xdist's ``--dist loadfile --no-loadscope-reorder`` hands the longest files
+    out first and the two workers end together (by default xdist orders files by their number of tests,
+    which started the two longest, a test each, last)."""
+    seconds: dict[Path, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("slow")
+        if marker is not None:
+            seconds[item.path] = seconds.get(item.path, 0) + marker.kwargs.get("seconds", SLOW_TEST_SECONDS)
+    items.sort(key=lambda item: -seconds.get(item.path, 0))  # stable: a file's tests keep their order
 
 
 def readme_blocks(language: str) -> list[str]:

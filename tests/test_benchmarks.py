@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_stopping_premise_oracle_keeps_real_digits_recognisable(tmp_path):
     out = tmp_path / "premise.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/stopping_premise.py"), "--teachers", "digits-vit",
@@ -30,7 +30,7 @@ def test_stopping_premise_oracle_keeps_real_digits_recognisable(tmp_path):
     assert len(digits["inverted"]["attention (SMI)"]) == 4
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_distillation_transfer_reports_every_pool_and_the_real_reference(tmp_path):
     out = tmp_path / "kd.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/distillation_transfer.py"), "--teacher", "digits-vit",

@@ -11,7 +11,7 @@ import pytest
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=200)
 def test_distill_defaults_train_a_student_well_above_chance_on_digits(tmp_path):
     # The command with its defaults (full mode for a teacher without a pretrained backbone, the online
     # source, grayscale channels tied) except a test-sized length: 300 KD steps, counted rather than timed

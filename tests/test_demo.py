@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_quick_demo_runs_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "examples/demo.py"), "--quick", "--out", str(tmp_path)],

@@ -29,7 +29,7 @@ from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, PACKA
 from smi_plugin.evaluation import sqnr_db
 from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
 
-pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow(seconds=4)]  # each, with the fixtures' compiles
 EVAL_IMAGES = 200
 
 

@@ -30,7 +30,7 @@ def _rows(path):
     return datasets.load_from_disk(str(path)).with_format("torch")[:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_two_processes_match_one_process(tmp_path):
     accelerate = (str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
                   "-m", "smi_plugin.cli")
@@ -49,7 +49,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert not (tmp_path / "two" / "shards").exists() and (tmp_path / "two" / "README.md").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     out = tmp_path / "run"
     args = [*INVERT, "--iterations", "40", "--num-images", "18", "--out", str(out)]
@@ -77,7 +77,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path):
     assert not (out / "shards").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=15)
 def test_foreign_and_mismatched_directories_are_refused(tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -53,7 +53,7 @@ def test_memory_probe_runs_in_a_fresh_process():
     assert json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=95)
 def test_readme_benchmark_command_runs(tmp_path):
     # The README's command with shorter public-API runs appended (its default of 80 iterations makes this one
     # command 2.5 minutes at one thread, a fifth of the suite): every phase still runs on DeiT-Tiny at 224.

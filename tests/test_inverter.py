@@ -201,7 +201,7 @@ def test_loss_parts_are_floats_only_in_the_history(tiny_vit):
     assert all(isinstance(record[k], float) for k in parts) and isinstance(record["kept"], int)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=90)
 def test_compiled_step_gives_the_eager_images_and_is_reproducible():
     """compile_step: same stopping decisions and images as eager within float tolerance (compiled
     kernels round differently), and bit-identical images run to run."""

@@ -7,7 +7,7 @@ from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_t
 from smi_plugin.batch import balanced_labels
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=18)
 @pytest.mark.parametrize("schedule", ["dense", "paper-scaled"])
 def test_inverted_images_are_classified_as_their_targets(schedule):
     teacher = load_teacher("fashion-mnist-vit")

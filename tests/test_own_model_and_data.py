@@ -54,7 +54,7 @@ def test_without_evaluation_data_the_model_is_still_made(own, tmp_path):
     assert "nothing is evaluated" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=100)
 def test_readme_own_model_commands_quantize_and_distill_the_users_model(tmp_path):
     """The README's chain: a user's ViT trained on the user's image folder (examples/own_model_and_data.py),
     then ``smi quantize`` and ``smi distill`` with ``--checkpoint``, ``--model-kwargs`` and ``--eval-data``."""

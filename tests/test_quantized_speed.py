@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_quantized_speed_reports_latency_and_sizes(tmp_path):
     out = tmp_path / "speed.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/quantized_speed.py"), "--models", "digits-vit",

@@ -23,7 +23,7 @@ def test_readme_command_groups_cover_every_command_once():
     assert all(groups) and sorted(sum(groups, [])) == sorted(readme_commands()) and len(readme_commands()) >= 8
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=240)
 def test_readme_commands_then_python_blocks_run(tmp_path):
     run_readme_commands(readme_group("rest"), tmp_path)
     for name in ("distill.json", "digits-w8a8/model.pt2", "inverted-2proc/manifest.json"):

@@ -13,7 +13,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 POLICIES = ("smi", "random", "dense", "rebirth")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_selection_policies_benchmark_reports_every_policy(tmp_path):
     out, report_path = tmp_path / "pictures", tmp_path / "selection.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks/selection_policies.py"), "--teachers", "digits-vit",

@@ -10,7 +10,7 @@ from smi_plugin.images import model_normalization
 from smi_plugin.zoo import TeacherError, card_path, load_card, weights_path, zoo_names
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=13)
 @pytest.mark.parametrize("name", zoo_names())
 def test_shipped_teacher_reproduces_its_card(name):
     card = load_card(name)
