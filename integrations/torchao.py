@@ -52,10 +52,18 @@ def resolve_range_estimator(estimator: str, scheme: str) -> str:
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), where torchao's
-    int8-mixed-bf16 runs faster than int8 with float32 elsewhere; without them bfloat16 is emulated."""
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX); without them
+    bfloat16 is emulated."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def fast_bfloat16() -> bool:
+    """Whether torchao's int8-mixed-bf16 runs faster here than int8 with float32 between the int8 linears:
+    on AMX CPUs (bfloat16 flash attention about 1.8x float32's on DeiT-Small), not on AVX512-BF16 alone
+    (AMD Zen 4, 2 threads, int8 packages: float32 as fast or 2-9% faster on digits-vit, DeiT-Tiny and
+    DeiT-Small at batch 1 and 32-100)."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 @dataclass
@@ -80,8 +88,8 @@ class InvertedPTQConfig(ConfigBase):
     unquantized_precision: str = option("auto", "what the saved model's float ops between the int8 linears run in: "
                                         "float32, or bfloat16 (torchao's int8-mixed-bf16 autocast: in a ViT the "
                                         "attention's q/k/v, softmax and weighted sum; LayerNorm and the residual "
-                                        "stream stay float32), or auto (bfloat16 where the CPU computes it natively: "
-                                        "AVX512-BF16 or AMX; else float32). Saved models only: --compare judges the "
+                                        "stream stay float32), or auto (bfloat16 where the CPU multiplies it "
+                                        "faster than float32: AMX; else float32). Saved models only: --compare judges the "
                                         "q/dq simulation", choices=UNQUANTIZED_PRECISIONS)
     tune_for_batch: int = option(1, "saved models: compiled.pt2 also holds int8 GEMM kernels chosen by timing them "
                                  "at this batch size (inductor's max_autotune: AMX micro-kernels against oneDNN), "
@@ -117,7 +125,7 @@ class InvertedPTQConfig(ConfigBase):
         """``unquantized_precision`` with ``auto`` resolved for this machine's CPU."""
         if self.unquantized_precision != "auto":
             return self.unquantized_precision
-        return "bfloat16" if native_bfloat16() else "float32"
+        return "bfloat16" if fast_bfloat16() else "float32"
 
     @property
     def resolved_range_estimator(self) -> str:

@@ -168,8 +168,8 @@ def test_int8_mixed_bfloat16_runs_the_float_ops_in_bfloat16_and_tracks_float32(i
 def test_auto_unquantized_precision_follows_the_cpu(monkeypatch):
     import smi_plugin.integrations.torchao as torchao_adapter
 
-    for native, expected in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torchao_adapter, "native_bfloat16", lambda native=native: native)
+    for fast, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torchao_adapter, "fast_bfloat16", lambda fast=fast: fast)
         assert InvertedPTQConfig().resolved_unquantized_precision == expected
         assert InvertedPTQConfig(unquantized_precision="float32").resolved_unquantized_precision == "float32"
     with pytest.raises(ValueError, match="unquantized_precision"):
