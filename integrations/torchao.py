@@ -89,8 +89,8 @@ class InvertedPTQConfig(ConfigBase):
                                         "float32, or bfloat16 (torchao's int8-mixed-bf16 autocast: in a ViT the "
                                         "attention's q/k/v, softmax and weighted sum; LayerNorm and the residual "
                                         "stream stay float32), or auto (bfloat16 where the CPU multiplies it "
-                                        "faster than float32: AMX; else float32). Saved models only: --compare judges the "
-                                        "q/dq simulation", choices=UNQUANTIZED_PRECISIONS)
+                                        "faster than float32: AMX; else float32). Saved models only: --compare "
+                                        "judges the q/dq simulation", choices=UNQUANTIZED_PRECISIONS)
     tune_for_batch: int = option(1, "saved models: compiled.pt2 also holds int8 GEMM kernels chosen by timing them "
                                  "at this batch size (inductor's max_autotune: AMX micro-kernels against oneDNN), "
                                  "run for the batch sizes at which they measured faster than oneDNN's (at batch 1 "

@@ -40,8 +40,9 @@ def test_readme_commands_then_python_blocks_run(tmp_path):
 
 def _check_the_default_tuned_compile(directory):
     """``smi quantize``'s default compiles twice, the second time with GEMM kernels tuned for batch 1
-    (the suite's only real tuned compile: a minute or two of C++ builds). The tuned compile ships only
-    where it timed faster, which depends on the CPU and its load; when it ships, it agrees with oneDNN's."""
+    (a minute or two of C++ builds; the suite's other real one is the own-model chain's). The tuned compile
+    ships only where it timed faster, which depends on the CPU and its load; when it ships, it agrees with
+    oneDNN's."""
     compiled = json.loads((directory / CARD_FILE).read_text())["compiled"]
     assert compiled["tuned_for_batch"] == 1
     if compiled["latency_up_to_batch"]:
