@@ -484,7 +484,6 @@ def timed_calls(forward: Callable[[torch.Tensor], torch.Tensor], inputs: torch.T
 def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a8", *, coverage: str = "linear",
                             range_estimator: str = "auto", backend: str = "pt2e", test_split: Any = None,
                             unquantized_precision: str = "auto", tune_for_batch: int = 1,
-                            eval_images: int | None = None,
                             eval_batch_size: int = 500,
                             calibration: dict[str, Any] | None = None, teacher_name: str | None = None,
                             **options: Any) -> tuple[torch.export.ExportedProgram, CompiledPackage, dict]:
@@ -497,8 +496,8 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
             ``check_deployable`` first).
         unquantized_precision: see ``InvertedPTQConfig``; the card records it resolved for this CPU.
         tune_for_batch: see ``InvertedPTQConfig`` (``compile_package``).
-        test_split: real held-out ``ImageSplit`` to evaluate on (``None``: accuracies are null).
-        eval_images: evaluate on the first N held-out images only (recorded in the card).
+        test_split: real held-out ``ImageSplit`` to evaluate on, e.g. ``split.first(1000)`` (``None``:
+            accuracies are null); its size is recorded in the card.
         eval_batch_size: evaluation and timing batch size (recorded: oneDNN picks kernels by shape).
         calibration: provenance for the card (source, images, seed, inversion config).
         teacher_name: the name recorded in the card.
@@ -536,7 +535,6 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
     }
     mean, std = model_normalization(teacher)
     if test_split is not None:
-        test_split = test_split.first(eval_images)
         started = time.perf_counter()
         quantized = predict_logits(compiled, test_split, mean, std, batch_size=eval_batch_size)
         first_pass = time.perf_counter() - started

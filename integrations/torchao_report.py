@@ -58,15 +58,13 @@ def compare_calibrations(teacher: nn.Module, test_split: ImageSplit, train_split
                          sources: Sequence[str] = BUILTIN_SOURCES, schemes: Sequence[str] = ("w8a8", "w4a8"),
                          coverages: Sequence[str] = ("linear",), seeds: Sequence[int] = (0,), num_calibration: int = 32,
                          inversion: InversionConfig | None = None, backend: str = "pt2e",
-                         range_estimator: str | Sequence[str] = "auto", eval_images: int | None = None,
-                         progress: bool = True) -> dict[str, Any]:
+                         range_estimator: str | Sequence[str] = "auto", progress: bool = True) -> dict[str, Any]:
     """Quantize ``teacher`` once per (source, seed, scheme, coverage, range estimator); evaluate each on
     ``test_split``. Each calibration set is made once and serves every scheme, coverage and estimator."""
     from tqdm.auto import tqdm
 
     inversion = inversion or InversionConfig(iterations=300, schedule=StoppingSchedule.paper_scaled(300))
     mean, std = model_normalization(teacher)
-    test_split = test_split.first(eval_images)
     with torch.no_grad():
         reference = predict_logits(teacher, test_split, mean, std)
     estimators = [range_estimator] if isinstance(range_estimator, str) else list(range_estimator)
