@@ -201,11 +201,27 @@ def test_loss_parts_are_floats_only_in_the_history(tiny_vit):
     assert all(isinstance(record[k], float) for k in parts) and isinstance(record["kept"], int)
 
 
+@pytest.fixture
+def deterministic_algorithms(monkeypatch):
+    """torch's deterministic algorithms for one test: without them a GPU's backward sums its scatter-adds
+    (the gradient of gathering the kept patches) in any order, so runs differ in the last bits."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
 @pytest.mark.slow(seconds=90)
-def test_compiled_step_gives_the_eager_images_and_is_reproducible():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the CUDA-graph step (mode='reduce-overhead') runs on CUDA only"))])
+def test_compiled_step_gives_the_eager_images_and_is_reproducible(device, request):
     """compile_step: same stopping decisions and images as eager within float tolerance (compiled
-    kernels round differently), and bit-identical images run to run."""
-    model = make_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=4, embed_dim=24, num_heads=2)
+    kernels round differently), and bit-identical images run to run; on a GPU, with CUDA graphs and
+    torch's deterministic algorithms, the documented way to bit-identical runs there."""
+    if device == "cuda":
+        request.getfixturevalue("deterministic_algorithms")
+    model = make_vit("vit_tiny_patch16_224", depth=1, img_size=32, patch_size=4, embed_dim=24, num_heads=2).to(device)
     # One stage: a dense graph, then a sparse one with the priors on the retained pixels.
     config = _config(iterations=6, schedule="2:0.5", tv_l1_weight=0.1, l2_weight=1e-3)
     eager = SparseInverter(model, config, progress=False).invert([0, 1, 2, 3])
