@@ -40,7 +40,7 @@ bench 120 --models deit_base_patch16_224 --batch-size 32,64
 bench 110 --models deit_base_patch16_224 --batch-size 128
 
 echo "== CUDA tests (${SECONDS}s in)"
-timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_inverter.py -k cuda 2>&1 | tail -15
+(( $(left) >= 60 )) && timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_inverter.py -k cuda 2>&1 | tail -15
 
 bench 600 --models deit_tiny_patch16_224 --batch-size 32,64,128 --compile-step --no-reference --no-memory --public-iterations 0
 echo "done in ${SECONDS}s"
