@@ -544,7 +544,7 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
                     quantized_accuracy=top1_accuracy(quantized, test_split.labels),
                     agreement=(reference.argmax(1) == quantized.argmax(1)).float().mean().item(),
                     sqnr_db=sqnr_db(reference, quantized),
-                    evaluation={"split": "held-out (real)", "images": len(test_split), "first_images": True,
+                    evaluation={"dataset": test_split.name, "split": test_split.split, "images": len(test_split),
                                 "batch_size": eval_batch_size, "compile_and_eval_seconds": first_pass})
         batch = min(eval_batch_size, len(test_split))
         inputs = torch.randn(batch, qmodel.grid.in_chans, *qmodel.grid.image_size)
