@@ -107,6 +107,14 @@ def make_vit(name: str, seed: int = 0, num_classes: int = 10, **overrides) -> to
     return model
 
 
+def real_digits(teacher: torch.nn.Module, count: int = 64) -> torch.Tensor:
+    """The first ``count`` real held-out digits, normalized as ``teacher`` expects."""
+    from smi_plugin.data import load_split
+    from smi_plugin.images import model_normalization, normalize
+
+    return normalize(load_split("digits", "test").images(slice(0, count)), *model_normalization(teacher))
+
+
 @pytest.fixture(params=sorted(FAMILIES), ids=sorted(FAMILIES))
 def family_vit(request) -> torch.nn.Module:
     name, overrides = FAMILIES[request.param]

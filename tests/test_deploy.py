@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import real_digits
 
 from smi_plugin import load_quantized as root_load_quantized
 from smi_plugin import load_teacher
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.cli import main
-from smi_plugin.data import load_split
-from smi_plugin.images import model_normalization, normalize
 from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, PACKAGE_FILE, CompiledPackage,
                                             FrozenCompiled, QuantizedModelError, check_deployable, compile_package,
                                             compile_quantized, cpu_target, export_quantized, load_quantized,
@@ -60,8 +59,7 @@ def in_memory(teacher, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_images(teacher):
-    mean, std = model_normalization(teacher)
-    return normalize(load_split("digits", "test").images(slice(0, 64)), mean, std)
+    return real_digits(teacher)
 
 
 def test_the_card_describes_the_model(cli_output):

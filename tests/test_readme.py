@@ -9,12 +9,11 @@ import sys
 
 import pytest
 import torch
-from conftest import README_ENV, README_GROUPS, readme_blocks, readme_commands, readme_group, run_readme_commands
+from conftest import (README_ENV, README_GROUPS, readme_blocks, readme_commands, readme_group, real_digits,
+                      run_readme_commands)
 
 from smi_plugin import load_teacher
-from smi_plugin.data import load_split
 from smi_plugin.evaluation import sqnr_db
-from smi_plugin.images import model_normalization, normalize
 from smi_plugin.integrations.deploy import CARD_FILE, CompiledPackage
 
 
@@ -47,7 +46,7 @@ def _check_the_default_tuned_compile(directory):
     assert compiled["tuned_for_batch"] == 1
     if compiled["latency_up_to_batch"]:
         teacher = load_teacher("digits-vit")
-        images = normalize(load_split("digits", "test").images(slice(0, 64)), *model_normalization(teacher))
+        images = real_digits(teacher)
         path = directory / compiled["file"]
         with torch.no_grad():
             onednn, tuned = CompiledPackage(path)(images), CompiledPackage(path, latency_up_to_batch=64)(images)
