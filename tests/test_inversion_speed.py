@@ -66,3 +66,31 @@ def test_readme_benchmark_command_runs(tmp_path):
     # keeps weight gradients
     assert 0 < record["peak_memory_ratio"] < 0.7
     assert record["peak_memory_dense_bytes"] < record["reference_peak_memory_dense_bytes"]
+
+
+def test_the_readme_gpu_table_is_the_committed_records():
+    """The README's "On a GPU" table is computed from benchmarks/results/ (a GPU run cannot be repeated here):
+    each row's its/s, speed-ups and peak memory follow from the records of its model and batch size."""
+    records = json.loads((ROOT / "benchmarks/results/h200-2026-12-04.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    eager = {(r["model"], r["batch_size"]): r for r in records if "peak_memory_dense_bytes" in r}
+    compiled = {(r["model"], r["batch_size"]): r for r in records if "compiled_stage_seconds_per_iteration" in r}
+    assert len(eager) == 6
+
+    def its(record, key):  # whole-run iterations per second of the stage timings under ``key``
+        return record["iterations"] / sum(n * t for n, t in zip(record["stage_lengths"], record[key]))
+
+    for (model, batch), r in eager.items():
+        name = {"deit_tiny_patch16_224": "DeiT-Tiny", "deit_base_patch16_224": "DeiT-Base"}[model]
+        c = compiled.get((model, batch))
+        mib = lambda key: f"{r[key] / 2**20:.0f}"  # noqa: E731
+        cells = [f"{1 / r['dense_seconds_per_iteration']:.1f} / {1 / r['reference_dense_seconds_per_iteration']:.1f}",
+                 f"{r['whole_run_speedup']:.2f}", f"{r['final_stage_speedup']:.2f} / {r['final_stage_flop_ratio']:.2f}",
+                 f"{mib('peak_memory_dense_bytes')} / {mib('peak_memory_sparse_bytes')} MiB "
+                 f"({mib('reference_peak_memory_dense_bytes')} / {mib('reference_peak_memory_sparse_bytes')})",
+                 f"{its(r, 'stage_seconds_per_iteration'):.1f}"]
+        if c:
+            cells += [f"{its(c, 'compiled_stage_seconds_per_iteration'):.0f}", f"{c['compiled_whole_run_speedup']:.2f}"]
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {name} | {batch} |"))
+        for cell in cells:
+            assert cell in row, (cell, row)
