@@ -91,6 +91,7 @@ FAMILIES = {
     "patch8": ("vit_tiny_patch16_224", dict(depth=2, img_size=64, patch_size=8)),
     "patch32": ("vit_base_patch32_224", dict(depth=1, img_size=128, embed_dim=96, num_heads=3)),
     "avg_pool": ("vit_tiny_patch16_224", dict(depth=2, img_size=64, global_pool="avg")),
+    "qk_norm": ("vit_tiny_patch16_224", dict(depth=2, img_size=64, qk_norm=True)),
     "zoo_shape": ("vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=4, embed_dim=48, num_heads=3)),
 }
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from smi_plugin import UnsupportedModelError, forward_kept_tokens
-from smi_plugin.tokens import (PatchLevelViT, images_to_patches, indices_to_mask, mask_to_indices,
-                               patch_grid, patches_to_images, record_cls_attention, vit_precision)
+from smi_plugin.tokens import (PatchLevelViT, forward_patches, images_to_patches, indices_to_mask, mask_to_indices,
+                               patch_grid, patches_to_images, position_tokens, record_cls_attention, vit_precision)
 
 from conftest import make_vit
 
@@ -40,6 +40,33 @@ def test_kept_tokens_match_timm_with_dropped_tokens(family_vit):
         torch.cat([tokens[:, :prefix], kept_tokens], 1))))
     ours = forward_kept_tokens(family_vit, x, indices_to_mask(keep, grid))
     assert torch.allclose(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_a_class_token_head_makes_the_last_block_compute_only_the_prefix_rows(family_vit):
+    """Same logits and input gradients as timm's full last block (which a hook on it brings back), for
+    exactly the FLOPs of the patch rows' projection, MLP and attention queries fewer."""
+    from smi_plugin.flops import flop_counter
+
+    grid = patch_grid(family_vit)
+    patches = images_to_patches(_images(family_vit, batch=2), grid.patch_size).requires_grad_(True)
+    positions = torch.arange(grid.num_patches).expand(2, -1)
+    cache = position_tokens(family_vit, grid, patches.dtype)
+
+    def logits_grads_flops():
+        counter = flop_counter()
+        with counter:
+            logits = forward_patches(family_vit, grid, patches, positions, cache)
+        return logits, torch.autograd.grad(logits.square().sum(), patches)[0], counter.get_total_flops()
+
+    fast = logits_grads_flops()
+    handle = family_vit.blocks[-1].attn.register_forward_pre_hook(lambda module, args: None)
+    full = logits_grads_flops()
+    handle.remove()
+    assert torch.allclose(fast[0], full[0], atol=1e-5, rtol=0) and torch.allclose(fast[1], full[1], atol=1e-5, rtol=0)
+    dim, hidden = family_vit.embed_dim, family_vit.blocks[-1].mlp.fc1.out_features
+    tokens, patch_rows = grid.num_prefix_tokens + grid.num_patches, 2 * grid.num_patches
+    saved = 2 * patch_rows * (dim * dim + 2 * dim * hidden) + 4 * patch_rows * tokens * dim
+    assert full[2] - fast[2] == (0 if family_vit.global_pool == "avg" else saved)
 
 
 @torch.no_grad()
