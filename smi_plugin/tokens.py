@@ -168,10 +168,13 @@ def forward_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """
     x = model.patch_drop(tokens)
     x = model.norm_pre(x)
-    last = len(model.blocks) - 1
-    prefix_only = _head_reads_prefix_only(model) and _is_plain_block(model.blocks[last])
-    for index, block in enumerate(model.blocks):
-        x = prefix_block_forward(block, x, model.num_prefix_tokens) if prefix_only and index == last else block(x)
+    *blocks, last = model.blocks
+    for block in blocks:
+        x = block(x)
+    if _head_reads_prefix_only(model) and _is_plain_block(last):
+        x = prefix_block_forward(last, x, model.num_prefix_tokens)
+    else:
+        x = last(x)
     x = model.norm(x)
     return model.forward_head(x)
 
