@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The GPU figures of the speed benchmark in one call of a lent GPU machine, under that machine's own torch
-# and timm (nothing installed): benchmarks/inversion_speed.py for DeiT-Tiny and DeiT-Base at batch 32/64/128
-# (eager, float32, with the reference-style implementation and peak memory), the CUDA tests (the compiled
-# step with CUDA graphs against eager), then the compiled step's timings for DeiT-Tiny at batch 32/64/128.
-# benchmarks/results/h200-2026-12-04.json holds the figures of a call of this script (whose compiled step then
-# ran batch 32 alone) and of one more call for the compiled step at 64 and 128; the README's "On a GPU" cites them.
+# and timm (nothing installed). SECTIONS picks what runs, in this order:
+#   tiny-eager, base-eager  benchmarks/inversion_speed.py for DeiT-Tiny / DeiT-Base at batch 32/64/128 (eager,
+#                           float32, with the reference-style implementation and peak memory)
+#   cuda-tests              the tests with a CUDA variant (the compiled step with CUDA graphs against eager,
+#                           bfloat16 on the GPU)
+#   tiny-compiled, base-compiled   the compiled step's timings (one process per batch size for Base)
+#   base-bfloat16           DeiT-Base at batch 64/128 in bfloat16 (eager), with peak memory
+# benchmarks/results/h200-2026-12-04.json holds the figures of the lent machines' calls; the README's
+# "On a GPU" cites them.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh
+#   OUT=/tmp/gpu bash benchmarks/gpu_run.sh                                   # every section (about 12 min)
+#   OUT=/tmp/gpu SECTIONS="cuda-tests base-compiled" bash benchmarks/gpu_run.sh
 #
 # Each benchmark process appends its records to $OUT/gpu_records.jsonl as it ends, so a time-out keeps the
 # finished ones; the whole script stays under BUDGET seconds (default 540).
 set -u
 OUT=${OUT:-/tmp/smi-gpu}
 BUDGET=${BUDGET:-540}
+SECTIONS=${SECTIONS:-tiny-eager base-eager cuda-tests tiny-compiled base-compiled base-bfloat16}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 RECORDS=$OUT/gpu_records.jsonl
@@ -35,12 +41,23 @@ bench() {  # bench LIMIT_SECONDS ARGS...: one benchmark process, its records app
     echo "rc=$rc"
 }
 
-bench 120 --models deit_tiny_patch16_224 --batch-size 32,64,128
-bench 120 --models deit_base_patch16_224 --batch-size 32,64
-bench 110 --models deit_base_patch16_224 --batch-size 128
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+COMPILED="--compile-step --no-reference --no-memory --public-iterations 0"
 
-echo "== CUDA tests (${SECONDS}s in)"
-(( $(left) >= 60 )) && timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest -q -p no:cacheprovider -p no:logging tests/test_inverter.py -k cuda 2>&1 | tail -15
+want tiny-eager && bench 120 --models deit_tiny_patch16_224 --batch-size 32,64,128
+want base-eager && bench 120 --models deit_base_patch16_224 --batch-size 32,64 \
+    && bench 110 --models deit_base_patch16_224 --batch-size 128
 
-bench 600 --models deit_tiny_patch16_224 --batch-size 32,64,128 --compile-step --no-reference --no-memory --public-iterations 0
+if want cuda-tests && (( $(left) >= 60 )); then
+    echo "== CUDA tests (${SECONDS}s in)"
+    timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest -q -p no:cacheprovider -p no:logging \
+        tests/test_inverter.py -k "cuda" -rs 2>&1 | tail -15
+fi
+
+want tiny-compiled && bench 600 --models deit_tiny_patch16_224 --batch-size 32,64,128 $COMPILED
+if want base-compiled; then  # one process per batch size: a time-out loses one batch size, not all
+    for batch in 64 128 32; do bench 170 --models deit_base_patch16_224 --batch-size $batch --quick $COMPILED; done
+fi
+want base-bfloat16 && bench 200 --models deit_base_patch16_224 --batch-size 64,128 --quick --precision bfloat16 \
+    --no-reference --public-iterations 0
 echo "done in ${SECONDS}s"

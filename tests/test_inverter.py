@@ -239,10 +239,15 @@ def test_compiled_step_refuses_a_base_method_with_side_hooks(tiny_vit):
         SparseInverter(tiny_vit, _config(base_method="psaq", compile_step=True), progress=False)
 
 
-def test_bfloat16_precision_runs_the_teacher_in_bfloat16_and_keeps_the_pixels_float32(tiny_vit):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_bfloat16_precision_runs_the_teacher_in_bfloat16_and_keeps_the_pixels_float32(tiny_vit, device, request):
     """precision="bfloat16": the teacher's matmuls run in bfloat16 (a hook sees the qkv output's dtype), the
     pixels, Adam state, logits and images stay float32, the logits are float32's within bfloat16 rounding,
-    and one seed gives the same bits twice."""
+    and one seed gives the same bits twice (on a GPU under torch's deterministic algorithms)."""
+    if device == "cuda":
+        request.getfixturevalue("deterministic_algorithms")
+    tiny_vit = tiny_vit.to(device)
     seen = []
     handle = tiny_vit.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
     try:
