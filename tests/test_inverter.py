@@ -201,6 +201,10 @@ def test_loss_parts_are_floats_only_in_the_history(tiny_vit):
     assert all(isinstance(record[k], float) for k in parts) and isinstance(record["kept"], int)
 
 
+# The CUDA variants run where a GPU is present (benchmarks/gpu_run.sh runs them on a lent one).
+CPU_AND_GPU = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
 @pytest.fixture
 def deterministic_algorithms(monkeypatch):
     """torch's deterministic algorithms for one test: without them a GPU's backward sums its scatter-adds
@@ -213,8 +217,7 @@ def deterministic_algorithms(monkeypatch):
 
 
 @pytest.mark.slow(seconds=90)
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no GPU: the CUDA-graph step (mode='reduce-overhead') runs on CUDA only"))])
+@pytest.mark.parametrize("device", CPU_AND_GPU)
 def test_compiled_step_gives_the_eager_images_and_is_reproducible(device, request):
     """compile_step: same stopping decisions and images as eager within float tolerance (compiled
     kernels round differently), and bit-identical images run to run; on a GPU, with CUDA graphs and
@@ -239,8 +242,7 @@ def test_compiled_step_refuses_a_base_method_with_side_hooks(tiny_vit):
         SparseInverter(tiny_vit, _config(base_method="psaq", compile_step=True), progress=False)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no GPU"))])
+@pytest.mark.parametrize("device", CPU_AND_GPU)
 def test_bfloat16_precision_runs_the_teacher_in_bfloat16_and_keeps_the_pixels_float32(tiny_vit, device, request):
     """precision="bfloat16": the teacher's matmuls run in bfloat16 (a hook sees the qkv output's dtype), the
     pixels, Adam state, logits and images stay float32, the logits are float32's within bfloat16 rounding,
