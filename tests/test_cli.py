@@ -34,11 +34,28 @@ def _smi(capsys, *args) -> SimpleNamespace:
     (["invert", "--teacher", "digits-vit", "--num-images", "2", "--config", "missing.yaml", "--out", "x"], "not found"),
     (["distill", "--teacher", "digits-vit", "--mode", "linear-probe"], "pretrained backbone"),
     (["distill", "--teacher", "digits-vit", "--eval-images", "0"], "--eval-images: must be a positive integer"),
+    (["distill", "--teacher", "digits-vit", "--student", "deit_tiny_patch16_224"],
+     "cannot take the teacher's (3, 32, 32) images on its (8, 8) patch grid"),
 ])
 def test_cli_errors_say_what_to_do(tmp_path, capsys, args, message):
     result = _smi(capsys, *[str(tmp_path / a) if a in ("x",) else a for a in args])
     assert result.returncode != 0 and message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_timm_student_with_an_imagenet_head_learns_the_teachers_classes(tmp_path, capsys):
+    """A user's own student (a timm CNN, built with 1000 classes) gets a head of the teacher's 10, trains
+    and saves a model that loads back with that head."""
+    import torch
+
+    from smi_plugin import load_teacher
+
+    out = tmp_path / "student"
+    result = _smi(capsys, "distill", "--teacher", "digits-vit", "--mode", "full", "--student", "resnet10t",
+                  "--num-images", "8", "--iterations", "4", "--steps", "2", "--eval-images", "16", "--out", out)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    student = load_teacher(str(out))
+    assert student.num_classes == 10 and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_config_file_keys_mirror_the_dataclass(tmp_path, capsys):

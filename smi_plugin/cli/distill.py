@@ -23,6 +23,7 @@ from ..distill import (
     DistillConfig,
     KDTrainer,
     failed,
+    forward_sparse,
     linear_probe_student,
     save_student,
 )
@@ -69,8 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="linear-probe: frozen pretrained backbone + new head (the paper); full: train every "
                             "weight; auto: linear-probe where a pretrained backbone is known (the zoo card's, or a "
                             "pretrained --student), full otherwise (default: %(default)s)")
-    group.add_argument("--student", default=None, help="student (zoo or timm name); default: the teacher card's "
-                       "backbone for linear-probe, a smaller ViT on the same patch grid for full")
+    group.add_argument("--student", default=None, help="student (zoo or timm name, given a head of the teacher's "
+                       "classes; it must take the teacher's images); default: the teacher card's backbone for "
+                       "linear-probe, a smaller ViT on the same patch grid for full")
     group.add_argument("--student-pretrained", action="store_true", help="timm student: timm's pretrained weights")
     group.add_argument("--student-checkpoint", default=None, help="timm student: a local checkpoint")
     group.add_argument("--num-images", type=int, default=None, help="inverted images: the pool of --source pool "
@@ -159,8 +161,29 @@ def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[s
     else:
         architecture, kwargs = name, {}
     kwargs["num_classes"] = classes
-    student = linear_probe_student(backbone, classes) if args.mode == "linear-probe" else backbone
-    return student, architecture, kwargs
+    if args.mode == "linear-probe":
+        return linear_probe_student(backbone, classes), architecture, kwargs
+    if backbone.num_classes != classes:  # an ImageNet-headed timm model or checkpoint: its body, a new head
+        logger.info("student %s: a new %d-class head in place of its %d-class one", name, classes,
+                    backbone.num_classes)
+        backbone.reset_classifier(classes)
+    check_student_fits(backbone, teacher, name)
+    return backbone, architecture, kwargs
+
+
+def check_student_fits(student: torch.nn.Module, teacher, name: str) -> None:
+    """One forward of a blank teacher-shaped image through the student, as KD will call it (kept
+    tokens on the teacher's patch grid for a ViT), so that a student built for other images fails here
+    in one line rather than at its first KD step."""
+    grid = teacher.patch_embed
+    images = torch.zeros(1, grid.proj.in_channels, *grid.img_size)
+    try:
+        with torch.no_grad():
+            forward_sparse(student.eval(), images, torch.ones(1, *grid.grid_size, dtype=torch.bool))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise CLIError(f"student {name!r} cannot take the teacher's {tuple(images.shape[1:])} images on its "
+                       f"{tuple(grid.grid_size)} patch grid ({str(err).splitlines()[0]}); pick a student "
+                       "built for that input size, channels and patch size, or leave --student out") from err
 
 
 def run(args: argparse.Namespace) -> None:
