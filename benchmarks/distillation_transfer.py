@@ -110,6 +110,7 @@ ONLINE_VARIANTS = {
     "no replay (fresh batch only)": ["--kd-batch-size", "0"],
     "warm starts (two-class mixes)": ["--warm-start"],
     "competition term": ["--competition-weight", "1.0"],
+    "PSAQ-ViT base method": ["--base-method", "psaq"],  # patch-similarity entropy of every block
     "three free channels": ["--no-tie-channels"],  # the zoo's grayscale teachers tie them by default
 }
 
