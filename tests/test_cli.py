@@ -113,8 +113,8 @@ def test_a_users_timm_vit_inverts_with_its_normalization(tmp_path, capsys, user_
      "pos_embed: checkpoint (1, 65, 96) vs model (1, 197, 192)"),
     (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/mine.safetensors"],
      "--model-kwargs img_size=32 patch_size=4 embed_dim=96 depth=4"),
-    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/mine.safetensors", *USER_FLAGS],
-     "head.weight: checkpoint (10, 96) vs model (1000, 96)"),
+    (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/mine.safetensors", *USER_FLAGS, "--num-classes", "5"],
+     "head.weight: checkpoint (10, 96) vs model (5, 96)"),  # without --num-classes the checkpoint's 10 are used
     (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/random.safetensors"], "not a valid safetensors file"),
     (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/random.pth"], "not a torch checkpoint"),
     (["--teacher", "vit_tiny_patch16_224", "--checkpoint", "CK/foreign.pth"], "not a state dict of tensors"),

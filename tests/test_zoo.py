@@ -43,6 +43,24 @@ def test_timm_checkpoint_path_loads_a_users_weights(tmp_path):
         assert torch.equal(mine(x), teacher(x))
 
 
+def test_a_checkpoints_classifier_size_is_read_from_it(tmp_path):
+    """A fine-tuned checkpoint of an ImageNet-sized architecture (a ViT, a CNN student) loads without
+    --num-classes: the classifier takes the checkpoint's size and the model computes what was saved."""
+    import timm
+    from safetensors.torch import save_file
+
+    for name, kwargs in (("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 1,
+                                                   "num_heads": 2}), ("resnet10t", {})):
+        torch.manual_seed(0)
+        saved = timm.create_model(name, num_classes=7, **kwargs).eval()
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(path))
+        loaded = load_teacher(name, checkpoint_path=str(path), **kwargs)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert loaded.num_classes == 7 and torch.equal(loaded(x), saved(x))
+
+
 def test_bad_teachers_get_clear_errors(tmp_path):
     with pytest.raises(TeacherError, match="unknown teacher 'nope'"):
         load_teacher("nope")

@@ -39,7 +39,7 @@ def add_teacher_arguments(parser: argparse.ArgumentParser, default: str | None =
     group.add_argument("--checkpoint", default=None, metavar="PATH",
                        help="timm names: a local checkpoint, .safetensors or a .pth state dict (default: none)")
     group.add_argument("--num-classes", type=int, default=None,
-                       help="timm names: classifier size (default: the model's)")
+                       help="timm names: classifier size (default: the checkpoint's, else the model's)")
     group.add_argument("--model-kwargs", nargs="+", action=KeyValueAction, default=None, metavar="KEY=VALUE",
                        help="timm names: timm.create_model keyword arguments, values read as Python literals, as "
                             "in timm's train.py (e.g. img_size=32 patch_size=4 embed_dim=96 depth=4 num_heads=3) "

@@ -138,7 +138,7 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
         pretrained: for timm names, load timm's pretrained weights (downloads from the hub).
         checkpoint_path: for timm names, a local checkpoint (``.safetensors``, or a ``.pth``/``.pt``
             state dict, optionally under a ``state_dict``/``model``/``state_dict_ema`` key) to load.
-        num_classes: classifier size for timm names (defaults to the model's).
+        num_classes: classifier size for timm names (defaults to the checkpoint's, else the model's).
         mean, std: the normalization the weights were trained with, per channel in ``[0, 1]`` pixel
             units; stored in ``model.pretrained_cfg`` so inversion, calibration and evaluation all use it.
         **model_kwargs: forwarded to ``timm.create_model`` (``img_size``, ``patch_size``, ``embed_dim``...).
@@ -178,8 +178,20 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
     except TypeError as err:  # an unknown keyword reaches a model constructor
         raise TeacherError(f"{name} does not accept --model-kwargs {model_kwargs}: {err}") from err
     if state_dict is not None:
+        if num_classes is None:
+            _match_classifier(model, state_dict)
         _load_matching(model, state_dict, name, checkpoint_path)
     return _set_normalization(model, mean, std).eval()
+
+
+def _match_classifier(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Resize ``model``'s classifier to the checkpoint's (a fine-tuned checkpoint of an ImageNet-sized
+    timm architecture), found as the tensor named like the model's own classifier weight."""
+    weight = getattr(model.get_classifier(), "weight", None)
+    key = next((name for name, parameter in model.named_parameters() if parameter is weight), None)
+    stored = state_dict.get(key) if key else None
+    if stored is not None and stored.ndim == 2 and stored.shape[0] != model.num_classes:
+        model.reset_classifier(int(stored.shape[0]))
 
 
 # A model saved for timm users (a distilled student): weights + a card naming its timm architecture.
