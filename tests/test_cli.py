@@ -58,6 +58,24 @@ def test_a_timm_student_with_an_imagenet_head_learns_the_teachers_classes(tmp_pa
     assert student.num_classes == 10 and student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_a_students_own_shape_and_a_saved_student_go_through_distill(tmp_path, capsys):
+    """--student-model-kwargs shapes a timm student; the student saved then serves as the next run's
+    --student, and what that run saves loads back with the same shape."""
+    import torch
+
+    from smi_plugin import load_teacher
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["distill", "--teacher", "digits-vit", "--mode", "full", "--num-images", "8", "--iterations", "4",
+              "--steps", "2", "--eval-images", "16"]
+    shape = ["--student-model-kwargs", "img_size=32", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2"]
+    assert _smi(capsys, *common, "--student", "vit_tiny_patch16_224", *shape, "--out", first).returncode == 0
+    assert _smi(capsys, *common, "--student", first, "--out", second).returncode == 0
+    student = load_teacher(str(second))
+    assert student.embed_dim == 32 and len(student.blocks) == 1
+    assert student(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
 def test_config_file_keys_mirror_the_dataclass(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("iterations: 5\nlearning_rate: 0.1\n")
     result = _smi(capsys, "invert", "--teacher", "digits-vit", "--num-images", "2", "--config", str(tmp_path / "run.yaml"),

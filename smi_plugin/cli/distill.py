@@ -31,7 +31,7 @@ from ..evaluation import evaluate_accuracy
 from ..images import model_normalization
 from ..inverter import SparseInverter
 from ..io import atomic_write_text
-from ..zoo import RECIPES, TeacherError, load_card, load_teacher
+from ..zoo import RECIPES, TeacherError, load_card, load_teacher, saved_card
 from .common import (
     add_evaluation_arguments,
     add_inversion_arguments,
@@ -41,7 +41,7 @@ from .common import (
     load_teacher_from_args,
     teacher_dataset,
 )
-from .options import CLIError, add_config_arguments, config_from_args
+from .options import CLIError, KeyValueAction, add_config_arguments, config_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "linear-probe, a smaller ViT on the same patch grid for full")
     group.add_argument("--student-pretrained", action="store_true", help="timm student: timm's pretrained weights")
     group.add_argument("--student-checkpoint", default=None, help="timm student: a local checkpoint")
+    group.add_argument("--student-model-kwargs", nargs="+", action=KeyValueAction, default=None, metavar="KEY=VALUE",
+                       help="timm student: timm.create_model keyword arguments, as --model-kwargs (e.g. img_size=32 "
+                            "patch_size=4 embed_dim=64 depth=3 num_heads=2)")
     group.add_argument("--num-images", type=int, default=None, help="inverted images: the pool of --source pool "
                        "(default: 256), the images under inversion of --source online (default: --pool-size)")
     add_evaluation_arguments(group)
@@ -152,14 +155,15 @@ def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[s
                   "depth": max(1, len(teacher.blocks) - 1), "num_heads": heads, "in_chans": grid.proj.in_channels}
         return timm.create_model("vit_tiny_patch16_224", **kwargs), "vit_tiny_patch16_224", kwargs
     try:
-        backbone = load_teacher(name, pretrained=args.student_pretrained, checkpoint_path=args.student_checkpoint)
+        backbone = load_teacher(name, pretrained=args.student_pretrained, checkpoint_path=args.student_checkpoint,
+                                **(args.student_model_kwargs or {}))
     except TeacherError as err:
         raise CLIError(str(err)) from err
-    if name in RECIPES:
-        card = load_card(name)
+    if name in RECIPES or "saved_dir" in backbone.pretrained_cfg:  # the architecture its card names
+        card = load_card(name) if name in RECIPES else saved_card(backbone.pretrained_cfg["saved_dir"])
         architecture, kwargs = card["architecture"], dict(card["model_kwargs"])
     else:
-        architecture, kwargs = name, {}
+        architecture, kwargs = name, dict(args.student_model_kwargs or {})
     kwargs["num_classes"] = classes
     if args.mode == "linear-probe":
         return linear_probe_student(backbone, classes), architecture, kwargs

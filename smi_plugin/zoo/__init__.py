@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -198,12 +199,18 @@ def _match_classifier(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
 SAVED_FORMAT, SAVED_WEIGHTS, SAVED_CARD = "smi-student/1", "student.safetensors", "student.json"
 
 
+def saved_card(directory: str | os.PathLike) -> dict[str, Any]:
+    """The card ``smi_plugin.distill.save_student`` wrote beside a saved model (its timm architecture,
+    ``model_kwargs``, classes, normalization, provenance)."""
+    return json.loads((Path(directory) / SAVED_CARD).read_text())
+
+
 def load_saved(directory: Path) -> nn.Module:
     """The model ``smi_plugin.distill.save_student`` wrote, in eval mode, normalization in ``pretrained_cfg``."""
     import timm
     from safetensors.torch import load_file
 
-    card = json.loads((directory / SAVED_CARD).read_text())
+    card = saved_card(directory)
     if card.get("format") != SAVED_FORMAT:
         raise TeacherError(f"{directory / SAVED_CARD} is not a card this version writes (format "
                            f"{card.get('format')!r}, expected {SAVED_FORMAT!r}); save the model again")
