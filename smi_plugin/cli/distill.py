@@ -31,7 +31,7 @@ from ..evaluation import evaluate_accuracy
 from ..images import model_normalization
 from ..inverter import SparseInverter
 from ..io import atomic_write_text
-from ..zoo import RECIPES, TeacherError, load_card, load_teacher, saved_card
+from ..zoo import RECIPES, TeacherError, load_card, load_teacher
 from .common import (
     add_evaluation_arguments,
     add_inversion_arguments,
@@ -160,7 +160,7 @@ def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[s
     except TeacherError as err:
         raise CLIError(str(err)) from err
     if name in RECIPES or "saved_dir" in backbone.pretrained_cfg:  # the architecture its card names
-        card = load_card(name) if name in RECIPES else saved_card(backbone.pretrained_cfg["saved_dir"])
+        card = load_card(name) if name in RECIPES else backbone.pretrained_cfg  # load_saved copied it there
         architecture, kwargs = card["architecture"], dict(card["model_kwargs"])
     else:
         architecture, kwargs = name, dict(args.student_model_kwargs or {})

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -199,18 +198,12 @@ def _match_classifier(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
 SAVED_FORMAT, SAVED_WEIGHTS, SAVED_CARD = "smi-student/1", "student.safetensors", "student.json"
 
 
-def saved_card(directory: str | os.PathLike) -> dict[str, Any]:
-    """The card ``smi_plugin.distill.save_student`` wrote beside a saved model (its timm architecture,
-    ``model_kwargs``, classes, normalization, provenance)."""
-    return json.loads((Path(directory) / SAVED_CARD).read_text())
-
-
 def load_saved(directory: Path) -> nn.Module:
     """The model ``smi_plugin.distill.save_student`` wrote, in eval mode, normalization in ``pretrained_cfg``."""
     import timm
     from safetensors.torch import load_file
 
-    card = saved_card(directory)
+    card = json.loads((directory / SAVED_CARD).read_text())
     if card.get("format") != SAVED_FORMAT:
         raise TeacherError(f"{directory / SAVED_CARD} is not a card this version writes (format "
                            f"{card.get('format')!r}, expected {SAVED_FORMAT!r}); save the model again")
@@ -219,7 +212,7 @@ def load_saved(directory: Path) -> nn.Module:
     model = timm.create_model(card["architecture"], pretrained=False, **kwargs)
     model.load_state_dict(load_file(str(directory / card.get("weights", SAVED_WEIGHTS))))
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(card["mean"]), "std": tuple(card["std"]),
-                            "saved_dir": str(directory)}
+                            "saved_dir": str(directory), "model_kwargs": card["model_kwargs"]}
     return model.eval()
 
 
