@@ -70,6 +70,8 @@ def test_a_students_own_shape_and_a_saved_student_go_through_distill(tmp_path, c
               "--steps", "2", "--eval-images", "16"]
     shape = ["--student-model-kwargs", "img_size=32", "patch_size=4", "embed_dim=32", "depth=1", "num_heads=2"]
     assert _smi(capsys, *common, "--student", "vit_tiny_patch16_224", *shape, "--out", first).returncode == 0
+    refused = _smi(capsys, *common, "--student", first, *shape, "--out", second)  # its card fixes its shape
+    assert refused.returncode != 0 and "drop --student-model-kwargs" in refused.stderr and not second.exists()
     assert _smi(capsys, *common, "--student", first, "--out", second).returncode == 0
     student = load_teacher(str(second))
     assert student.embed_dim == 32 and len(student.blocks) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from typing import Any
 
 import torch
@@ -157,8 +158,9 @@ def distill_student(args: argparse.Namespace, teacher) -> tuple[Any, str, dict[s
     try:
         backbone = load_teacher(name, pretrained=args.student_pretrained, checkpoint_path=args.student_checkpoint,
                                 **(args.student_model_kwargs or {}))
-    except TeacherError as err:
-        raise CLIError(str(err)) from err
+    except TeacherError as err:  # worded for the teacher's flags: name the student's
+        message = str(err).replace("--num-classes/", "")
+        raise CLIError(re.sub(r"--(pretrained|checkpoint|model-kwargs)", r"--student-\1", message)) from err
     if name in RECIPES or "saved_dir" in backbone.pretrained_cfg:  # the architecture its card names
         card = load_card(name) if name in RECIPES else backbone.pretrained_cfg  # load_saved copied it there
         architecture, kwargs = card["architecture"], dict(card["model_kwargs"])

@@ -149,15 +149,17 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
     """
     import timm
 
-    if (Path(name) / SAVED_CARD).is_file():
+    saved = (Path(name) / SAVED_CARD).is_file()
+    if saved or name in RECIPES:
+        what = "a saved model" if saved else "a zoo teacher"
+        if pretrained or checkpoint_path:
+            raise TeacherError(f"{name!r} is {what} and carries its own weights; drop --pretrained/--checkpoint")
+        if num_classes is not None or model_kwargs:
+            raise TeacherError(f"{name!r} is {what} with a fixed architecture; drop --num-classes/"
+                               "--model-kwargs, or pass its timm architecture name with --checkpoint")
+    if saved:
         return _set_normalization(load_saved(Path(name)), mean, std)
     if name in RECIPES:
-        if pretrained or checkpoint_path:
-            raise TeacherError(f"{name!r} is a zoo teacher and carries its own weights; "
-                               "drop --pretrained/--checkpoint")
-        if num_classes is not None or model_kwargs:
-            raise TeacherError(f"{name!r} is a zoo teacher with a fixed architecture; drop --num-classes/"
-                               "--model-kwargs, or pass its timm architecture name with --checkpoint")
         card = load_card(name)
         overlay = dict(file=str(weights_path(name)), num_classes=card["num_classes"],
                        mean=tuple(card["mean"]), std=tuple(card["std"]), input_size=(3, 32, 32),
