@@ -100,7 +100,8 @@ def distil(args, teacher, batches, test, mean, std) -> dict:
 
 # smi distill flags of each online variant, on top of the command's defaults.
 ONLINE_VARIANTS = {
-    "defaults (sparse, renewed pool)": [],  # SMI stopping, Dirichlet soft targets (scale 0.3)
+    "defaults (sparse, renewed pool)": [],  # SMI stopping, Dirichlet soft targets (scale 0.3), patch noise
+    "pixel noise (the paper's start)": ["--initial-noise", "pixel"],
     "dense": ["--schedule", "dense"],
     "random stopping": ["--selection", "random"],
     "rebirth": ["--selection", "rebirth"],

@@ -21,6 +21,7 @@ from .tokens import PRECISIONS
 
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("patch", "pixel")
+INITIAL_NOISE = ("pixel", "patch")
 C = TypeVar("C", bound="ConfigBase")
 
 
@@ -146,6 +147,7 @@ class InversionConfig(ConfigBase):
                                              "(--augment pixel)")
     tie_channels: bool = option(False, "optimise one gray channel replicated over RGB, a prior for grayscale "
                                 "teachers (the CLI turns it on for the teachers of its packaged grayscale datasets)")
+    initial_noise: str = option("pixel", "what an inversion starts from: pixel (Gaussian noise per pixel, the paper) or patch (one Gaussian value per patch, bilinearly upsampled: smooth blobs without pixel-level texture)", choices=INITIAL_NOISE)
     seed: int = option(0, "seed of the initial noise and the augmentation")
     mean: Optional[tuple[float, ...]] = option(None, "input normalization mean overriding the teacher's "
                                                "pretrained_cfg")
@@ -185,6 +187,7 @@ class InversionConfig(ConfigBase):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")
         check_choice(self, "augment", AUGMENTATIONS)
+        check_choice(self, "initial_noise", INITIAL_NOISE)
         check_choice(self, "precision", PRECISIONS)
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
             raise ValueError(f"InversionConfig.crop_scale must be (low, high) with 0 < low <= high <= 1, "

@@ -42,7 +42,7 @@ from .config import InversionConfig
 from .images import frozen, model_normalization
 from .losses import BASE_METHODS, class_similarity, competition_loss, dirichlet_targets, loss_floats
 from .optim import lr_at, set_lr, shrink_rows
-from .pixels import ChannelMap
+from .pixels import ChannelMap, initial_noise
 from .priors import RetainedPixelPriors
 from .progress import progress_bar
 from .selection import SELECTION_POLICIES, Stage
@@ -250,12 +250,14 @@ class SparseInverter:
         return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas, fused=fused)
 
     def start(self, labels: torch.Tensor, seed: int, images: torch.Tensor | None = None) -> InversionState:
-        """Fresh state for one batch, every patch retained: Gaussian noise in normalized space, or
-        ``images`` (``(B, C, H, W)`` pixels in ``[0, 1]``) as the starting point (a warm start)."""
+        """Fresh state for one batch, every patch retained: noise in normalized space
+        (``config.initial_noise``), or ``images`` (``(B, C, H, W)`` pixels in ``[0, 1]``) as the starting
+        point (a warm start)."""
         grid = self.grid
         generator = torch.Generator().manual_seed(seed)
         if images is None:
-            noise = torch.randn(labels.numel(), self.channels.param_channels, *grid.image_size, generator=generator)
+            noise = initial_noise(self.config.initial_noise, labels.numel(), self.channels.param_channels, grid,
+                                  generator)
             canvas = images_to_patches(noise.to(self.device, self.dtype), grid.patch_size)
         else:
             canvas = self.channels.from_pixels(images.to(self.device), grid).to(self.dtype)

@@ -8,6 +8,7 @@ from smi_plugin import InversionConfig, SparseInverter, UnsupportedModelError
 from smi_plugin.augment import roll_flip_patches
 from smi_plugin.batch import InvertedBatch
 from smi_plugin.inverter import check_labels
+from smi_plugin.pixels import initial_noise
 from smi_plugin.tokens import images_to_patches, patch_grid
 
 
@@ -322,3 +323,14 @@ def test_soft_targets_follow_the_head_similarity_and_keep_the_label_on_top(tiny_
     assert state.targets.shape == (4, tiny_vit.num_classes)
     batch = inverter.invert([0, 1, 2, 3])
     assert batch.labels.tolist() == [0, 1, 2, 3] and torch.isfinite(batch.images).all()
+
+
+def test_patch_noise_starts_every_image_from_its_seeded_smooth_draw(tiny_vit):
+    """initial_noise="patch": the canvas is initial_noise's draw for the batch's seed, in patches, and a
+    whole inversion runs from it and records the choice in its provenance."""
+    inverter = SparseInverter(tiny_vit, _config(initial_noise="patch", tie_channels=True), progress=False)
+    state = inverter.start(torch.tensor([0, 1, 2]), seed=5)
+    expected = initial_noise("patch", 3, 1, inverter.grid, torch.Generator().manual_seed(5))
+    assert torch.equal(state.canvas, images_to_patches(expected, inverter.grid.patch_size))
+    batch = inverter.invert([0, 1, 2])
+    assert torch.isfinite(batch.images).all() and batch.provenance["config"]["initial_noise"] == "patch"

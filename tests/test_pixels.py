@@ -1,6 +1,6 @@
 import torch
 
-from smi_plugin.pixels import ChannelMap
+from smi_plugin.pixels import ChannelMap, initial_noise
 from smi_plugin.tokens import PatchGrid, images_to_patches
 
 GRID = PatchGrid(patch_size=(2, 2), grid_size=(2, 2), num_prefix_tokens=1, in_chans=3)
@@ -42,3 +42,21 @@ def test_from_pixels_is_the_inverse_of_to_pixels():
     tied = ChannelMap.build(MEAN, STD, tie_channels=True)
     gray = pixels.mean(1, keepdim=True)  # tied channels keep the gray level: the channels' average
     assert torch.allclose(tied.to_pixels(tied.from_pixels(pixels, GRID), GRID), gray.expand(-1, 3, -1, -1), atol=1e-6)
+
+
+def test_patch_noise_is_one_draw_per_patch_smoothed_to_unit_variance():
+    """``patch`` noise: the coarse draw per patch, bilinearly upsampled (each patch's mean tracks its own
+    draw), unit variance per image, and far smoother than per-pixel noise; ``pixel`` is torch.randn's."""
+    grid = PatchGrid(patch_size=(4, 4), grid_size=(6, 5), num_prefix_tokens=1, in_chans=1)
+    coarse = torch.randn(8, 1, 6, 5, generator=torch.Generator().manual_seed(3))
+    smooth = initial_noise("patch", 8, 1, grid, torch.Generator().manual_seed(3))
+    assert smooth.shape == (8, 1, 24, 20)
+    assert torch.allclose(smooth.flatten(1).std(1), torch.ones(8), atol=1e-5)
+    patch_means = torch.nn.functional.avg_pool2d(smooth, 4)
+    assert torch.corrcoef(torch.stack([patch_means.flatten(), coarse.flatten()]))[0, 1] > 0.9
+    pixel = initial_noise("pixel", 8, 1, grid, torch.Generator().manual_seed(3))
+    assert torch.equal(pixel, torch.randn(8, 1, 24, 20, generator=torch.Generator().manual_seed(3)))
+
+    def roughness(x):  # mean squared difference of horizontal neighbours: 2 for white noise of unit variance
+        return (x[..., 1:] - x[..., :-1]).pow(2).mean().item()
+    assert roughness(smooth) < 0.2 < 1.5 < roughness(pixel)
