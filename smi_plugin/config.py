@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .losses import BASE_METHODS
+from .optim import LR_SCHEDULES
 from .schedule import StoppingSchedule
 from .selection import SELECTION_POLICIES
 from .tokens import PRECISIONS
 
-LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("patch", "pixel")
 INITIAL_NOISE = ("pixel", "patch")
 C = TypeVar("C", bound="ConfigBase")
