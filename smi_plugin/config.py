@@ -147,7 +147,9 @@ class InversionConfig(ConfigBase):
                                              "(--augment pixel)")
     tie_channels: bool = option(False, "optimise one gray channel replicated over RGB, a prior for grayscale "
                                 "teachers (the CLI turns it on for the teachers of its packaged grayscale datasets)")
-    initial_noise: str = option("pixel", "what an inversion starts from: pixel (Gaussian noise per pixel, the paper) or patch (one Gaussian value per patch, bilinearly upsampled: smooth blobs without pixel-level texture)", choices=INITIAL_NOISE)
+    initial_noise: str = option("pixel", "what an inversion starts from: pixel (Gaussian noise per pixel, the "
+                                "paper) or patch (one Gaussian value per patch, bilinearly upsampled: smooth blobs "
+                                "without pixel-level texture)", choices=INITIAL_NOISE)
     seed: int = option(0, "seed of the initial noise and the augmentation")
     mean: Optional[tuple[float, ...]] = option(None, "input normalization mean overriding the teacher's "
                                                "pretrained_cfg")
