@@ -100,8 +100,10 @@ def distil(args, teacher, batches, test, mean, std) -> dict:
 
 # smi distill flags of each online variant, on top of the command's defaults.
 ONLINE_VARIANTS = {
-    "defaults (sparse, renewed pool)": [],  # SMI stopping, Dirichlet soft targets (scale 0.3), patch noise
+    # SMI stopping, Dirichlet soft targets (scale 0.3), patch noise, Adam in smooth cosines (frequency decay 3)
+    "defaults (sparse, renewed pool)": [],
     "pixel noise (the paper's start)": ["--initial-noise", "pixel"],
+    "per-pixel steps (the paper's Adam)": ["--frequency-decay", "0"],
     "dense": ["--schedule", "dense"],
     "random stopping": ["--selection", "random"],
     "rebirth": ["--selection", "rebirth"],

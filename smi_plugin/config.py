@@ -150,6 +150,9 @@ class InversionConfig(ConfigBase):
     initial_noise: str = option("pixel", "what an inversion starts from: pixel (Gaussian noise per pixel, the "
                                 "paper) or patch (one Gaussian value per patch, bilinearly upsampled: smooth blobs "
                                 "without pixel-level texture)", choices=INITIAL_NOISE)
+    frequency_decay: float = option(0.0, "Adam in each patch's cosine (DCT) basis, the steps of frequency f "
+                                    "scaled by (1 + f)^-DECAY: 0 steps every pixel alike (the paper); larger "
+                                    "shapes smooth regions instead of pixel-level texture", metavar="DECAY")
     seed: int = option(0, "seed of the initial noise and the augmentation")
     mean: Optional[tuple[float, ...]] = option(None, "input normalization mean overriding the teacher's "
                                                "pretrained_cfg")
@@ -184,7 +187,7 @@ class InversionConfig(ConfigBase):
             raise ValueError("InversionConfig.warmup_iterations must be in [0, iterations)")
         check_choice(self, "base_method", sorted(BASE_METHODS))
         check_choice(self, "selection", sorted(SELECTION_POLICIES))
-        for name in ("ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "input_stats_weight",
+        for name in ("frequency_decay", "ce_weight", "tv_l2_weight", "tv_l1_weight", "l2_weight", "input_stats_weight",
                      "patch_similarity_weight", "competition_weight", "soft_targets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"InversionConfig.{name} must be >= 0, got {getattr(self, name)}")

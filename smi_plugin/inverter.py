@@ -41,8 +41,8 @@ from .batch import InvertedBatch
 from .config import InversionConfig
 from .images import frozen, model_normalization
 from .losses import BASE_METHODS, class_similarity, competition_loss, dirichlet_targets, loss_floats
-from .optim import lr_at, set_lr, shrink_rows
-from .pixels import ChannelMap, initial_noise
+from .optim import BasisAdam, lr_at, set_lr, shrink_rows
+from .pixels import ChannelMap, initial_noise, patch_frequency_basis
 from .priors import RetainedPixelPriors
 from .progress import progress_bar
 from .selection import SELECTION_POLICIES, Stage
@@ -192,6 +192,11 @@ class SparseInverter:
             raise ValueError(f"precision='bfloat16' autocasts a float32 teacher, but its parameters are {self.dtype}; "
                              "convert it with .float() or keep precision='float32'")
         self.channels = ChannelMap.build(self.mean, self.std, self.config.tie_channels, self.device, self.dtype)
+        # Adam's basis for each patch channel's pixels (None: plain Adam per pixel).
+        self.step_basis = None
+        if self.config.frequency_decay > 0:
+            self.step_basis = patch_frequency_basis(self.grid.patch_size, self.config.frequency_decay).to(
+                self.device, self.dtype)
         self.class_similarity = None
         if self.config.soft_targets > 0:
             head = model.get_classifier()
@@ -244,7 +249,9 @@ class SparseInverter:
         batch.provenance["seed"] = seed
         return batch
 
-    def _optimizer(self, param: torch.Tensor) -> torch.optim.Adam:
+    def _optimizer(self, param: torch.Tensor) -> torch.optim.Optimizer:
+        if self.step_basis is not None:
+            return BasisAdam([param], self.step_basis, lr=self.config.lr, betas=self.config.betas)
         # The fused kernel updates the parameter and both moments in one pass (CPU and CUDA).
         fused = param.device.type in ("cpu", "cuda")
         return torch.optim.Adam([param], lr=self.config.lr, betas=self.config.betas, fused=fused)

@@ -66,3 +66,51 @@ def shrink_rows(param: torch.Tensor, optimizer: torch.optim.Optimizer, index: to
         else value
         for name, value in old.items()}
     return new_param, new_optimizer
+
+
+class BasisAdam(torch.optim.Optimizer):
+    """Adam whose moments live in a fixed linear basis of blocks of each parameter's last dimension.
+
+    For a parameter ``x`` whose last dimension is made of blocks of ``P`` values and a basis ``M``
+    ``(P, P)`` (each block ``x_b = M @ c_b``), the gradient goes to the coefficients (``M.T @ g_b``), Adam
+    normalizes each coefficient's step there, and the step comes back through ``M``. With ``M`` the
+    identity this is ``torch.optim.Adam``; with a cosine basis whose high frequencies are scaled down
+    (``pixels.patch_frequency_basis``) an image's steps are smooth, since Adam no longer gives every
+    pixel a step of the same size. The state keeps ``torch.optim.Adam``'s names and shapes (``step``,
+    ``exp_avg``, ``exp_avg_sq`` shaped like the parameter), so ``shrink_rows`` gathers it alike.
+    """
+
+    def __init__(self, params, basis: torch.Tensor, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        if basis.ndim != 2 or basis.shape[0] != basis.shape[1]:
+            raise ValueError(f"BasisAdam's basis must be a square (P, P) matrix, got shape {tuple(basis.shape)}")
+        # In the defaults, not an attribute: an Optimizer pickles only its defaults, state and groups.
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, basis=basis))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        if closure is not None:
+            raise ValueError("BasisAdam does not take a closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                basis = group["basis"].to(param.device, param.dtype)
+                blocks = basis.shape[0]
+                if param.shape[-1] % blocks:
+                    raise ValueError(f"BasisAdam: the last dimension {param.shape[-1]} is not made of blocks of "
+                                     f"{blocks} (the basis' size)")
+                grad = (param.grad.reshape(-1, blocks) @ basis).view_as(param)
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1
+                step = float(state["step"])
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+                coefficients = state["exp_avg"] / (1 - beta1 ** step) / denominator
+                param.add_((coefficients.reshape(-1, blocks) @ basis.T).view_as(param), alpha=-group["lr"])

@@ -7,6 +7,7 @@ pixels in ``[0, 1]``, and the conversion back to pixels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -92,3 +93,31 @@ def initial_noise(kind: str, batch: int, channels: int, grid: PatchGrid, generat
     coarse = torch.randn(batch, channels, *grid.grid_size, generator=generator)
     smooth = F.interpolate(coarse, size=grid.image_size, mode="bilinear", align_corners=False)
     return smooth / smooth.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+
+
+def patch_frequency_basis(patch_size: tuple[int, int], decay: float) -> torch.Tensor:
+    """``(P, P)`` basis of one channel of a patch (``P = ph * pw`` pixels, row-major) for ``BasisAdam``.
+
+    Column ``(u, v)`` is the orthonormal 2-D cosine (DCT-II) of vertical frequency ``u`` and horizontal
+    ``v`` (in cycles per two patch sides), scaled by ``(1 + sqrt(u^2 + v^2)) ** -decay``; the scales are
+    normalized to unit root-mean-square, so a step of Adam's usual size per coefficient moves the pixels
+    as much as per-pixel Adam on average, more of it in the patch's coarse shape. ``decay=0`` is the plain
+    orthonormal cosine basis.
+    """
+    height, width = patch_size
+    vertical, horizontal = _cosines(height), _cosines(width)
+    cosines = torch.kron(vertical, horizontal)  # row u * width + v: the cosine (u, v) over row-major pixels
+    u = torch.arange(height, dtype=torch.float64).view(-1, 1)
+    v = torch.arange(width, dtype=torch.float64).view(1, -1)
+    scale = (1 + (u ** 2 + v ** 2).sqrt()).pow(-decay).flatten()
+    scale = scale / scale.pow(2).mean().sqrt()
+    return (cosines.T * scale).float()
+
+
+def _cosines(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``(n, n)``: row ``k`` is the cosine of frequency ``k`` over ``n`` samples."""
+    k = torch.arange(n, dtype=torch.float64).view(-1, 1)
+    i = torch.arange(n, dtype=torch.float64).view(1, -1)
+    matrix = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+    matrix[0] /= math.sqrt(2.0)
+    return matrix

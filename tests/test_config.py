@@ -35,7 +35,7 @@ def test_round_trips_through_json():
 @pytest.mark.parametrize("field, value", [
     ("iterations", 0), ("batch_size", -1), ("lr", 0.0), ("betas", (0.5, 1.0)), ("lr_schedule", "step"),
     ("base_method", "nope"), ("tv_l2_weight", -1.0), ("input_stats_weight", -0.5), ("jitter", 1.5),
-    ("std", (0.0, 1.0, 1.0)), ("precision", "float16"), ("initial_noise", "uniform"),
+    ("std", (0.0, 1.0, 1.0)), ("precision", "float16"), ("initial_noise", "uniform"), ("frequency_decay", -1.0),
 ])
 def test_invalid_fields_are_named(field, value):
     kwargs = {field: value}

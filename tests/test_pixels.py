@@ -1,6 +1,6 @@
 import torch
 
-from smi_plugin.pixels import ChannelMap, initial_noise
+from smi_plugin.pixels import ChannelMap, initial_noise, patch_frequency_basis
 from smi_plugin.tokens import PatchGrid, images_to_patches
 
 GRID = PatchGrid(patch_size=(2, 2), grid_size=(2, 2), num_prefix_tokens=1, in_chans=3)
@@ -60,3 +60,21 @@ def test_patch_noise_is_one_draw_per_patch_smoothed_to_unit_variance():
     def roughness(x):  # mean squared difference of horizontal neighbours: 2 for white noise of unit variance
         return (x[..., 1:] - x[..., :-1]).pow(2).mean().item()
     assert roughness(smooth) < 0.2 < 1.5 < roughness(pixel)
+
+
+def test_patch_frequency_basis_is_scaled_cosines_of_the_patch():
+    """Columns: orthogonal 2-D cosines over row-major pixels (the constant first, a cosine along the
+    width next), scaled by (1 + |f|)^-decay relative to each other, unit root-mean-square scale."""
+    basis = patch_frequency_basis((2, 3), 1.0).double()
+    gram = basis.T @ basis  # diagonal: the squared scales
+    scales = gram.diagonal().sqrt()
+    assert torch.allclose(gram, torch.diag(gram.diagonal()), atol=1e-6)
+    assert torch.allclose(scales.pow(2).mean(), torch.tensor(1.0, dtype=torch.float64))
+    frequency = torch.tensor([[0, 1, 2], [1, 2 ** 0.5, 5 ** 0.5]], dtype=torch.float64).flatten()
+    assert torch.allclose(scales / scales[0], 1 / (1 + frequency), atol=1e-6)
+    assert torch.allclose(basis[:, 0], torch.full((6,), scales[0].item() / 6 ** 0.5, dtype=torch.float64))
+    along_width = basis[:, 1].view(2, 3)  # cos(pi (j + 0.5) / 3): +, 0, - in each row
+    assert torch.allclose(along_width[0], along_width[1]) and along_width[0, 0] > 0 > along_width[0, 2]
+    assert abs(along_width[0, 1]) < 1e-6
+    assert torch.allclose(patch_frequency_basis((4, 4), 0.0).T @ patch_frequency_basis((4, 4), 0.0),
+                          torch.eye(16), atol=1e-6)

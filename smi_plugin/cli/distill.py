@@ -56,8 +56,12 @@ KD_INVERSION = {"soft_targets": 0.3}
 # Inversion defaults of the online source: big batches, few small steps at a time, each slot starting from
 # noise drawn per patch and smoothed (initial_noise="patch"): at equal KD steps it trained better full-KD
 # students than the paper's per-pixel noise (digits 95.3% vs 88.3%; Fashion-MNIST 40.4% / 41.5% vs 32.6% /
-# 35.9%) and an equal linear probe (README, "Data-free distillation with the defaults").
-ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1, "iterations": 100, "initial_noise": "patch"}
+# 35.9%) and an equal linear probe. Adam steps in each patch's cosine basis with high frequencies scaled
+# down (frequency_decay=3) keep the samples smooth as they are inverted: Fashion-MNIST full KD 51.0% against
+# 40.5% with per-pixel steps, the linear probe 62.5% against 55.1% (decays 1 / 2 / 5: 44.8% / 45.5% / 46.4%
+# and 56.7% / 60.5% / 60.9%), chosen on 2000 real training images, not the test set (README, "Data-free
+# distillation with the defaults").
+ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1, "iterations": 100, "initial_noise": "patch", "frequency_decay": 3.0}
 # The command's training budget when neither --steps nor --epochs is given.
 DEFAULT_MINUTES = 10.0
 
