@@ -1,7 +1,8 @@
-"""Learning-rate schedules and the Adam-state surgery that sparse stopping needs.
+"""Learning-rate schedules, the Adam-state surgery that sparse stopping needs, and Adam in a fixed basis.
 
-Pure functions: nothing here knows about images or models, so other trainers (distillation, the
-zoo's teachers) can share ``cosine_lr`` instead of keeping their own copies.
+Nothing here knows about images or models, so other trainers (distillation, the zoo's teachers) can
+share ``cosine_lr`` instead of keeping their own copies; ``BasisAdam`` takes its basis from the caller
+(``pixels.patch_frequency_basis`` for smooth image steps).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``ChannelMap`` is the affine map from the optimised patches (one gray channel when channels are
 tied, else the model's channels) to the model's normalized input, the clamp bounds that keep
-pixels in ``[0, 1]``, and the conversion back to pixels.
+pixels in ``[0, 1]``, and the conversion back to pixels. ``initial_noise`` is where an inversion
+starts; ``patch_frequency_basis`` the cosine basis in which ``optim.BasisAdam`` steps a patch's pixels.
 """
 
 from __future__ import annotations
