@@ -78,6 +78,27 @@ def test_a_students_own_shape_and_a_saved_student_go_through_distill(tmp_path, c
     assert student(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
+def test_distill_inverts_with_its_modes_recipe_unless_a_flag_says_otherwise(tmp_path, capsys):
+    """The online source inverts each linear-probe sample longer than a full-KD one (PROBE_INVERSION on top
+    of ONLINE_INVERSION, after the mode is resolved); an explicit --iterations beats either."""
+    import json
+
+    from smi_plugin.cli.distill import ONLINE_INVERSION, PROBE_INVERSION
+
+    def iterations(teacher: str, *flags: str) -> tuple[str, int]:
+        out = tmp_path / "kd.json"
+        result = _smi(capsys, "distill", "--teacher", teacher, "--steps", "1", "--num-images", "8",
+                      "--kd-batch-size", "8", "--eval-images", "16", "--json", out, *flags)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(out.read_text())
+        return report["mode"], report["inversion"]["iterations"]
+
+    assert PROBE_INVERSION["iterations"] != ONLINE_INVERSION["iterations"]
+    assert iterations("fashion-mnist-vit-ft") == ("linear-probe", PROBE_INVERSION["iterations"])  # --mode auto
+    assert iterations("digits-vit") == ("full", ONLINE_INVERSION["iterations"])
+    assert iterations("fashion-mnist-vit-ft", "--iterations", "12") == ("linear-probe", 12)
+
+
 def test_config_file_keys_mirror_the_dataclass(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("iterations: 5\nlearning_rate: 0.1\n")
     result = _smi(capsys, "invert", "--teacher", "digits-vit", "--num-images", "2", "--config", str(tmp_path / "run.yaml"),
