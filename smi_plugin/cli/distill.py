@@ -112,8 +112,8 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     the inversion's ``--seed``, the mode is ``--mode``)."""
     title = (f"distillation (DistillConfig; --mode full starts from {MODE_DEFAULTS['full']}, --source online "
              f"from {SOURCE_DEFAULTS['online']} and inversion {ONLINE_INVERSION} (with {PROBE_INVERSION} in "
-             f"linear-probe mode); every source inverts with {KD_INVERSION}; without --steps or --epochs the budget is --minutes; --seed also seeds the "
-             f"student's initial weights and the KD batches)")
+             f"linear-probe mode); every source inverts with {KD_INVERSION}; without --steps or --epochs the "
+             f"budget is --minutes; --seed also seeds the student's initial weights and the KD batches)")
     add_config_arguments(parser, DistillConfig, title, defaults={"source": "online", "minutes": DEFAULT_MINUTES},
                          skip=("mode", "seed"), prefix="kd_", prefixed=PREFIXED)
 
