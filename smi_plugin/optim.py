@@ -1,8 +1,9 @@
 """Learning-rate schedules, the Adam-state surgery that sparse stopping needs, and Adam in a fixed basis.
 
-Nothing here knows about images or models, so other trainers (distillation, the zoo's teachers) can
-share ``cosine_lr`` instead of keeping their own copies; ``BasisAdam`` takes its basis from the caller
-(``pixels.patch_frequency_basis`` for smooth image steps).
+Nothing here knows about images or models. ``cosine_lr`` counts integer steps; distillation's time
+budget (float seconds) and the zoo's training recipe (multiplicative warm-up, the one that made the
+shipped weights) keep their own cosines, as merging them would change behaviour. ``BasisAdam`` takes
+its basis from the caller (``pixels.patch_frequency_basis`` for smooth image steps).
 """
 
 from __future__ import annotations
