@@ -115,8 +115,9 @@ class InversionConfig(ConfigBase):
                               "(DeepInversion, with warm-up)", choices=LR_SCHEDULES)
     warmup_iterations: int = option(0, "linear warm-up length for the cosine schedule")
     schedule: StoppingSchedule = option("paper-scaled", "when to stop patches: 'paper-scaled' (the paper's "
-                                        "stages scaled to --iterations), 'paper' (50/100/200/300), 'dense', "
-                                        "or 'IT:RATIO,...' such as '50:0.3,100:0.3'", metavar="SCHEDULE")
+                                        "stages scaled to --iterations; 'paper-scaled:N' its first N), 'paper' "
+                                        "(50/100/200/300), 'dense', or 'IT:RATIO,...' such as '50:0.3,100:0.3'",
+                                        metavar="SCHEDULE")
     base_method: str = option("deepinversion", "the dense method being sped up", choices=lambda: sorted(BASE_METHODS))
     selection: str = option("smi", "which patches a stage removes: smi (least attended are stopped), random, "
                             "dense (never stop), rebirth (most attended leave as finished samples)",
@@ -219,9 +220,15 @@ class InversionConfig(ConfigBase):
 
 
 def resolve_schedule(schedule: "StoppingSchedule | str | None", iterations: int) -> StoppingSchedule:
-    """A schedule from its text form; ``"paper-scaled"`` scales the paper's stages to ``iterations``."""
-    if isinstance(schedule, str) and schedule.strip().lower() == "paper-scaled":
-        return StoppingSchedule.paper_scaled(iterations)
+    """A schedule from its text form; ``"paper-scaled"`` scales the paper's stages to ``iterations``,
+    ``"paper-scaled:N"`` its first ``N`` stages."""
+    if isinstance(schedule, str):
+        name, _, stages = schedule.strip().lower().partition(":")
+        if name == "paper-scaled":
+            if stages and not stages.isdigit():
+                raise ValueError(f"schedule {schedule!r}: write 'paper-scaled' or 'paper-scaled:N' with N the "
+                                 "number of the paper's stages to keep (1 to 4)")
+            return StoppingSchedule.paper_scaled(iterations, int(stages) if stages else None)
     return StoppingSchedule.parse(schedule)
 
 

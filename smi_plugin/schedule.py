@@ -60,19 +60,24 @@ class StoppingSchedule:
         return cls()
 
     @classmethod
-    def paper_scaled(cls, iterations: int) -> "StoppingSchedule":
+    def paper_scaled(cls, iterations: int, stages: int | None = None) -> "StoppingSchedule":
         """The paper's ratios at iterations scaled from its 4000-iteration run to ``iterations``.
 
+        ``stages`` keeps only the first that many of the paper's four stages, for runs whose samples
+        should show more of the image (two keep 49% of the patches, the paper's four 24%).
         Runs shorter than five iterations cannot hold all four stages; the ones that would come at or
         after the last iteration are left out.
         """
-        scale, stages, previous = iterations / PAPER_ITERATIONS, {}, 0
-        for iteration, ratio in PAPER_STAGES.items():
+        if stages is not None and not 1 <= stages <= len(PAPER_STAGES):
+            raise ValueError(f"the paper has {len(PAPER_STAGES)} stopping stages; keep 1 to "
+                             f"{len(PAPER_STAGES)} of them, not {stages}")
+        scale, scaled, previous = iterations / PAPER_ITERATIONS, {}, 0
+        for iteration, ratio in list(PAPER_STAGES.items())[:stages]:
             # Short runs would round stages together; keep them distinct and in order.
             previous = max(round(iteration * scale), previous + 1)
             if previous < iterations:
-                stages[previous] = ratio
-        return cls(stages)
+                scaled[previous] = ratio
+        return cls(scaled)
 
     @classmethod
     def parse(cls, text: str | "StoppingSchedule" | Mapping[int, float] | None) -> "StoppingSchedule":

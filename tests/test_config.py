@@ -17,6 +17,13 @@ def test_default_schedule_scales_the_paper_stages_to_the_run():
     assert InversionConfig(iterations=4000).schedule == StoppingSchedule.paper()
 
 
+def test_schedule_text_names_the_first_stages_of_the_scaled_paper():
+    assert InversionConfig(iterations=400, schedule="paper-scaled:2").schedule == StoppingSchedule({5: 0.3, 10: 0.3})
+    assert InversionConfig(iterations=400, schedule="Paper-Scaled").schedule == StoppingSchedule.paper_scaled(400)
+    with pytest.raises(ValueError, match="paper-scaled:N"):
+        InversionConfig(schedule="paper-scaled:two")
+
+
 def test_presets_override_and_refuse_unknown_names():
     config = InversionConfig.preset("data-like", iterations=40)
     assert (config.iterations, config.augment, config.tie_channels) == (40, "pixel", True)

@@ -54,3 +54,13 @@ def test_paper_scaled_keeps_distinct_increasing_stages():
     assert StoppingSchedule.paper_scaled(400).stages == ((5, 0.3), (10, 0.3), (20, 0.3), (30, 0.3))
     short = StoppingSchedule.paper_scaled(20).stages
     assert [i for i, _ in short] == [1, 2, 3, 4]
+
+
+def test_paper_scaled_can_keep_only_its_first_stages():
+    assert StoppingSchedule.paper_scaled(400, stages=2).stages == ((5, 0.3), (10, 0.3))
+    assert StoppingSchedule.paper_scaled(4000, stages=4) == StoppingSchedule.paper()
+    # 64 patches: 70% of 64 -> 44, 70% of 44 -> 30 (49% of the grid after two stages, 14 after four).
+    assert StoppingSchedule.paper_scaled(200, stages=2).kept_counts(64) == [64, 44, 30]
+    assert StoppingSchedule.paper_scaled(200).kept_counts(64)[-1] == 14
+    with pytest.raises(ValueError, match="keep 1 to 4"):
+        StoppingSchedule.paper_scaled(200, stages=0)
