@@ -6,7 +6,10 @@ The paper's Table 5 analogue on the real held-out set of the teacher's dataset:
 3. distil from growing prefixes of the sparse pool to find how many sparse images reach the
    dense run's best accuracy;
 4. for reference only (not data-free), distil with the same trainer from as many real *training*
-   images, labelled by the teacher: how far the inversions are from the data they stand in for.
+   images, labelled by the teacher: how far the inversions are from the data they stand in for; and
+   from the same real images showing only the patches a sparse inversion keeps (each image's most
+   attended by the teacher's last block, as many as the sparse pool keeps): what seeing so few tokens
+   costs a student that is then judged on whole images, whatever the images.
 
 No real training image is seen by the inverter or by KD; the student may start from a backbone
 pretrained on other real data (``--mode linear-probe``, the paper's setting) or train from scratch
@@ -51,8 +54,10 @@ from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
 from smi_plugin.evaluation import evaluate_accuracy
 from smi_plugin.images import model_normalization
 from smi_plugin.io import atomic_write_text
-from smi_plugin.tokens import patch_grid
+from smi_plugin.selection import most_attended
+from smi_plugin.tokens import indices_to_mask, patch_grid
 from smi_plugin.zoo import RECIPES, load_card
+from stopping_premise import last_block_attention
 
 
 def invert_for(teacher, config: InversionConfig, seconds: float | None, images: int | None, chunk: int, seed: int):
@@ -82,11 +87,18 @@ def make_student(args, teacher):
                              num_classes=classes)
 
 
-def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int = 0) -> InvertedBatch:
-    """``size`` random real training images, every patch kept (labels unused: KD asks the teacher)."""
+def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int = 0,
+                        kept: int | None = None) -> InvertedBatch:
+    """``size`` random real training images (labels unused: KD asks the teacher), every patch kept, or
+    with ``kept`` only each image's ``kept`` patches most attended by the teacher's last block."""
     train = load_split(dataset, "train")
     index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]
-    return InvertedBatch.from_images(train.images(index), patch_grid(teacher), mean, std, train.labels[index])
+    grid = patch_grid(teacher)
+    pool = InvertedBatch.from_images(train.images(index), grid, mean, std, train.labels[index])
+    if kept is None:
+        return pool
+    indices = most_attended(last_block_attention(teacher, pool.normalized()), kept)
+    return InvertedBatch(pool.images, indices_to_mask(indices, grid), pool.labels, indices, pool.mean, pool.std)
 
 
 def distil(args, teacher, batches, test, mean, std) -> dict:
@@ -239,6 +251,9 @@ def main() -> None:
         dataset = load_card(args.teacher)["dataset"]
         results["real_reference"] = distil(args, teacher, real_reference_pool(teacher, dataset, reference_size, mean, std),
                                            test, mean, std)
+        sparse_views = real_reference_pool(teacher, dataset, reference_size, mean, std, kept=pool.num_kept)
+        results["real_reference_sparse_views"] = {"kept": pool.num_kept,
+                                                  **distil(args, teacher, sparse_views, test, mean, std)}
 
     print(f"teacher {args.teacher} top-1 {100 * teacher_top1:.2f}% on {len(test)} real held-out images; "
           f"mode {args.mode}; {sparse_config.iterations} inversion iterations")
@@ -247,6 +262,8 @@ def main() -> None:
     rows += [(f"sparse, first {r['images']}", r, None) for r in results["sparse_by_size"]]
     if "real_reference" in results:
         rows.append(("real images (reference)", results["real_reference"], None))
+        views = results["real_reference_sparse_views"]
+        rows.append((f"real, {views['kept']} of {patch_grid(teacher).num_patches} patches", views, None))
     for name, r, seconds in rows:
         print(f"{name:<28}{r['images']:>8}{'' if seconds is None else f'{seconds:.0f}':>13}"
               f"{100 * r['final_top1']:>12.2f}%{100 * r['best_top1']:>11.2f}%")

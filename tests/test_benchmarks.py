@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from smi_plugin import StoppingSchedule
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -47,6 +49,12 @@ def test_distillation_transfer_reports_every_pool_and_the_real_reference(tmp_pat
     assert report["real_reference"]["images"] == 512
     assert report["real_reference"]["best_top1"] > 0.25
     assert "real images (reference)" in result.stdout
+    # The same real digits seen as the sparse pool's student sees its images: as many patches as the
+    # paper's schedule, scaled to 4 iterations, leaves of the 8 x 8 grid.
+    views = report["real_reference_sparse_views"]
+    kept = StoppingSchedule.paper_scaled(4).kept_counts(64)[-1]
+    assert views["kept"] == kept < 64 and views["images"] == 512
+    assert f"real, {kept} of 64 patches" in result.stdout
 
 
 @pytest.mark.slow
