@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from smi_plugin import StoppingSchedule
+
 
 def _smi(capsys, *args) -> SimpleNamespace:
     """``smi ARGS`` run in this process, as ``(returncode, stdout, stderr)``: what a user's shell sees,
@@ -79,24 +81,28 @@ def test_a_students_own_shape_and_a_saved_student_go_through_distill(tmp_path, c
 
 
 def test_distill_inverts_with_its_modes_recipe_unless_a_flag_says_otherwise(tmp_path, capsys):
-    """The online source inverts each linear-probe sample longer than a full-KD one (PROBE_INVERSION on top
-    of ONLINE_INVERSION, after the mode is resolved); an explicit --iterations beats either."""
+    """The online source inverts each linear-probe sample longer and keeps more of it than a full-KD one
+    (PROBE_INVERSION on top of ONLINE_INVERSION, after the mode is resolved); explicit flags beat either."""
     import json
 
     from smi_plugin.cli.distill import ONLINE_INVERSION, PROBE_INVERSION
 
-    def iterations(teacher: str, *flags: str) -> tuple[str, int]:
+    def recipe(teacher: str, *flags: str) -> tuple[str, int, str]:
         out = tmp_path / "kd.json"
         result = _smi(capsys, "distill", "--teacher", teacher, "--steps", "1", "--num-images", "8",
                       "--kd-batch-size", "8", "--eval-images", "16", "--json", out, *flags)
         assert result.returncode == 0, result.stderr
         report = json.loads(out.read_text())
-        return report["mode"], report["inversion"]["iterations"]
+        return report["mode"], report["inversion"]["iterations"], report["inversion"]["schedule"]
 
-    assert PROBE_INVERSION["iterations"] != ONLINE_INVERSION["iterations"]
-    assert iterations("fashion-mnist-vit-ft") == ("linear-probe", PROBE_INVERSION["iterations"])  # --mode auto
-    assert iterations("digits-vit") == ("full", ONLINE_INVERSION["iterations"])
-    assert iterations("fashion-mnist-vit-ft", "--iterations", "12") == ("linear-probe", 12)
+    probe, full = PROBE_INVERSION["iterations"], ONLINE_INVERSION["iterations"]
+    assert probe != full
+    # --mode auto picks the probe here; its first two paper stages, scaled to its iterations, keep 49%.
+    assert recipe("fashion-mnist-vit-ft") == ("linear-probe", probe, str(StoppingSchedule.paper_scaled(probe, 2)))
+    assert recipe("digits-vit") == ("full", full, str(StoppingSchedule.paper_scaled(full)))
+    assert recipe("fashion-mnist-vit-ft", "--iterations", "12") == ("linear-probe", 12,
+                                                                     str(StoppingSchedule.paper_scaled(12, 2)))
+    assert recipe("fashion-mnist-vit-ft", "--schedule", "dense") == ("linear-probe", probe, "dense")
 
 
 def test_config_file_keys_mirror_the_dataclass(tmp_path, capsys):
