@@ -97,7 +97,8 @@ def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int =
     pool = InvertedBatch.from_images(train.images(index), grid, mean, std, train.labels[index])
     if kept is None:
         return pool
-    indices = most_attended(last_block_attention(teacher, pool.normalized()), kept)
+    device = next(teacher.parameters()).device  # KDTrainer may have moved the teacher to a GPU
+    indices = most_attended(last_block_attention(teacher, pool.normalized().to(device)), kept).cpu()
     return InvertedBatch(pool.images, indices_to_mask(indices, grid), pool.labels, indices, pool.mean, pool.std)
 
 
@@ -251,9 +252,10 @@ def main() -> None:
         dataset = load_card(args.teacher)["dataset"]
         results["real_reference"] = distil(args, teacher, real_reference_pool(teacher, dataset, reference_size, mean, std),
                                            test, mean, std)
-        sparse_views = real_reference_pool(teacher, dataset, reference_size, mean, std, kept=pool.num_kept)
-        results["real_reference_sparse_views"] = {"kept": pool.num_kept,
-                                                  **distil(args, teacher, sparse_views, test, mean, std)}
+        if 0 < pool.num_kept < patch_grid(teacher).num_patches:  # a dense or mixed pool has no one sparse view
+            sparse_views = real_reference_pool(teacher, dataset, reference_size, mean, std, kept=pool.num_kept)
+            results["real_reference_sparse_views"] = {"kept": pool.num_kept,
+                                                      **distil(args, teacher, sparse_views, test, mean, std)}
 
     print(f"teacher {args.teacher} top-1 {100 * teacher_top1:.2f}% on {len(test)} real held-out images; "
           f"mode {args.mode}; {sparse_config.iterations} inversion iterations")
@@ -262,6 +264,7 @@ def main() -> None:
     rows += [(f"sparse, first {r['images']}", r, None) for r in results["sparse_by_size"]]
     if "real_reference" in results:
         rows.append(("real images (reference)", results["real_reference"], None))
+    if "real_reference_sparse_views" in results:
         views = results["real_reference_sparse_views"]
         rows.append((f"real, {views['kept']} of {patch_grid(teacher).num_patches} patches", views, None))
     for name, r, seconds in rows:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar
 
 from .losses import BASE_METHODS
 from .optim import LR_SCHEDULES
-from .schedule import StoppingSchedule
+from .schedule import PAPER_STAGES, StoppingSchedule
 from .selection import SELECTION_POLICIES
 from .tokens import PRECISIONS
 
@@ -223,12 +223,13 @@ def resolve_schedule(schedule: "StoppingSchedule | str | None", iterations: int)
     """A schedule from its text form; ``"paper-scaled"`` scales the paper's stages to ``iterations``,
     ``"paper-scaled:N"`` its first ``N`` stages."""
     if isinstance(schedule, str):
-        name, _, stages = schedule.strip().lower().partition(":")
+        name, colon, stages = (part.strip() for part in schedule.lower().partition(":"))
         if name == "paper-scaled":
-            if stages and not stages.isdigit():
-                raise ValueError(f"schedule {schedule!r}: write 'paper-scaled' or 'paper-scaled:N' with N the "
-                                 "number of the paper's stages to keep (1 to 4)")
-            return StoppingSchedule.paper_scaled(iterations, int(stages) if stages else None)
+            try:
+                return StoppingSchedule.paper_scaled(iterations, int(stages) if colon else None)
+            except ValueError as err:
+                raise ValueError(f"schedule {schedule!r}: write 'paper-scaled', or 'paper-scaled:N' to keep the "
+                                 f"first N of the paper's {len(PAPER_STAGES)} stages") from err
     return StoppingSchedule.parse(schedule)
 
 

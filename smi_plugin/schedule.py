@@ -64,7 +64,7 @@ class StoppingSchedule:
         """The paper's ratios at iterations scaled from its 4000-iteration run to ``iterations``.
 
         ``stages`` keeps only the first that many of the paper's four stages, for runs whose samples
-        should show more of the image (two keep 49% of the patches, the paper's four 24%).
+        should show more of the image (two keep 0.7^2 = 49% of the patches, the paper's four 24%, before rounding).
         Runs shorter than five iterations cannot hold all four stages; the ones that would come at or
         after the last iteration are left out.
         """
@@ -100,7 +100,8 @@ class StoppingSchedule:
             except ValueError:
                 raise ValueError(f"cannot parse schedule entry {item.strip()!r} in {text!r}; write "
                                  "ITERATION:RATIO pairs separated by commas, e.g. '50:0.3,100:0.3', "
-                                 "or 'paper' / 'dense'") from None
+                                 "or 'paper' / 'dense' (InversionConfig and the CLI also take 'paper-scaled' "
+                                 "and 'paper-scaled:N', scaled to their iterations)") from None
         return cls(pairs)
 
     @property

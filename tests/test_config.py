@@ -20,8 +20,10 @@ def test_default_schedule_scales_the_paper_stages_to_the_run():
 def test_schedule_text_names_the_first_stages_of_the_scaled_paper():
     assert InversionConfig(iterations=400, schedule="paper-scaled:2").schedule == StoppingSchedule({5: 0.3, 10: 0.3})
     assert InversionConfig(iterations=400, schedule="Paper-Scaled").schedule == StoppingSchedule.paper_scaled(400)
-    with pytest.raises(ValueError, match="paper-scaled:N"):
-        InversionConfig(schedule="paper-scaled:two")
+    assert InversionConfig(iterations=400, schedule=" paper-scaled : 2 ").schedule == StoppingSchedule({5: 0.3, 10: 0.3})
+    for text in ("paper-scaled:two", "paper-scaled:", "paper-scaled:5", "paper-scaled:0"):
+        with pytest.raises(ValueError, match=f"schedule '{text}'.*'paper-scaled:N'"):
+            InversionConfig(schedule=text)
 
 
 def test_presets_override_and_refuse_unknown_names():

@@ -59,7 +59,7 @@ def test_paper_scaled_keeps_distinct_increasing_stages():
 def test_paper_scaled_can_keep_only_its_first_stages():
     assert StoppingSchedule.paper_scaled(400, stages=2).stages == ((5, 0.3), (10, 0.3))
     assert StoppingSchedule.paper_scaled(4000, stages=4) == StoppingSchedule.paper()
-    # 64 patches: 70% of 64 -> 44, 70% of 44 -> 30 (49% of the grid after two stages, 14 after four).
+    # 64 patches: 70% of 64 -> 44, 70% of 44 -> 30 (47% of the grid after two stages; 14 after four).
     assert StoppingSchedule.paper_scaled(200, stages=2).kept_counts(64) == [64, 44, 30]
     assert StoppingSchedule.paper_scaled(200).kept_counts(64)[-1] == 14
     with pytest.raises(ValueError, match="keep 1 to 4"):

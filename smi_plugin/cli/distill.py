@@ -69,8 +69,8 @@ ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1, "iterations": 100, "initial_no
 # And it is judged on whole images but trained on the kept patches: the frozen backbone's features of a
 # quarter of an image are not those of the whole, whatever the image (a head trained on real images' 14
 # most-attended of 64 patches reaches 53.7% on whole ones, on 32 patches 70.0%, on all 75.8%), so only the
-# paper's first two stages run (49% of the patches kept, 24% with all four): 67.4% against 64.2% after 15
-# minutes on those real training images, level with keeping 70% (67.6%), ahead of dense (63.7%) (README,
+# paper's first two stages run (30 of 64 patches kept, 14 with all four): 67.4% against 64.2% after 15
+# minutes on those real training images, level with keeping 44 (67.6%), ahead of dense (63.7%) (README,
 # "Sparse against dense").
 PROBE_INVERSION = {"iterations": 200, "schedule": "paper-scaled:2"}
 # The command's training budget when neither --steps nor --epochs is given.
