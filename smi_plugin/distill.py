@@ -53,6 +53,10 @@ OPTIMIZERS = ("sgd", "adamw")
 FAILURE_FACTOR = 1.5  # a student under 1.5x chance accuracy has failed
 
 
+class CheckpointMismatchError(ValueError):
+    """An output directory's checkpoint was written by a run with other settings, so it cannot be resumed."""
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 20.0) -> torch.Tensor:
     """``KL(softmax(t/T) || softmax(s/T)) * T^2``, averaged over the batch."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
@@ -455,15 +459,30 @@ class KDTrainer:
             return None
         return {k: v for k, v in self.inverter.config.to_dict().items() if k != "log_every"}
 
+    def check_resumable(self) -> None:
+        """Raise ``CheckpointMismatchError`` if ``out_dir`` holds a checkpoint of a run with other settings
+        (``fit`` would refuse it): callers check before spending time on inversion."""
+        path = self._checkpoint_path()
+        if path is not None and path.is_file():
+            self._check_settings(path, torch.load(path, map_location="cpu", weights_only=False))
+
+    def _check_settings(self, path: Path, state: dict) -> None:
+        differences = []
+        for name, saved, now in (("DistillConfig", state["config"], self.config.to_dict()),
+                                 ("InversionConfig", state.get("inversion") or {}, self._inversion_settings() or {})):
+            differences += [f"{name}.{field} {saved.get(field)!r} -> {now.get(field)!r}"
+                            for field in sorted(saved.keys() | now.keys()) if saved.get(field) != now.get(field)]
+        if differences:
+            raise CheckpointMismatchError(
+                f"{path} holds a run with other settings ({'; '.join(differences)}): give the settings it was "
+                "written with to resume it, or another output directory")
+
     def _load_checkpoint(self) -> None:
         path = self._checkpoint_path()
         if path is None or not path.is_file():
             return
         state = torch.load(path, map_location=self.accelerator.device, weights_only=False)
-        if state["config"] != self.config.to_dict():
-            raise ValueError(f"{path} was written with another DistillConfig; use another out_dir or delete it")
-        if state.get("inversion") != self._inversion_settings():
-            raise ValueError(f"{path} was written with another InversionConfig; use another out_dir or delete it")
+        self._check_settings(path, state)
         self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history, self.elapsed = state["step"], state["history"], state.get("elapsed", 0.0)

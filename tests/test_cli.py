@@ -105,6 +105,17 @@ def test_distill_inverts_with_its_modes_recipe_unless_a_flag_says_otherwise(tmp_
     assert recipe("fashion-mnist-vit-ft", "--schedule", "dense") == ("linear-probe", probe, "dense")
 
 
+def test_distill_refuses_in_one_line_to_resume_a_run_with_other_settings(tmp_path, capsys):
+    """An --out directory from another recipe is refused before any inversion, naming what differs."""
+    flags = ("distill", "--teacher", "digits-vit", "--steps", "1", "--num-images", "8", "--kd-batch-size", "8",
+             "--eval-images", "16", "--iterations", "4", "--out", tmp_path / "run")
+    assert _smi(capsys, *flags).returncode == 0
+    result = _smi(capsys, *flags[:-2], "--iterations", "6", "--out", tmp_path / "run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "InversionConfig.iterations 4 -> 6" in result.stderr and "--out" in result.stderr
+
+
 def test_config_file_keys_mirror_the_dataclass(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("iterations: 5\nlearning_rate: 0.1\n")
     result = _smi(capsys, "invert", "--teacher", "digits-vit", "--num-images", "2", "--config", str(tmp_path / "run.yaml"),

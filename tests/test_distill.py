@@ -9,6 +9,7 @@ from smi_plugin import InversionConfig, SparseInverter, load_teacher
 from smi_plugin.batch import InvertedBatch, balanced_labels
 from smi_plugin.data import load_split
 from smi_plugin.distill import (
+    CheckpointMismatchError,
     DistillConfig,
     KDTrainer,
     augment_batch,
@@ -137,9 +138,13 @@ def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_o
     for a, b in zip(reference.state_dict().values(), resumed_student.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     other = SparseInverter(teacher, _online(teacher).config.replace(lr=0.2), progress=False)
-    with pytest.raises(ValueError, match="another InversionConfig"):  # the pool would be inverted otherwise
-        KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, inverter=other,
-                  progress=False).fit()
+    refused = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, inverter=other,
+                        progress=False)
+    # The pool would be inverted otherwise; the error names the one setting that changed, before any work.
+    with pytest.raises(CheckpointMismatchError, match=r"\(InversionConfig\.lr 0\.1 -> 0\.2\)"):
+        refused.check_resumable()
+    with pytest.raises(CheckpointMismatchError, match="InversionConfig.lr"):
+        refused.fit()
 
 
 def test_a_fixed_online_pool_keeps_inverting_the_same_samples(digits):

@@ -21,6 +21,7 @@ from ..distill import (
     MODE_DEFAULTS,
     MODES,
     SOURCE_DEFAULTS,
+    CheckpointMismatchError,
     DistillConfig,
     KDTrainer,
     failed,
@@ -234,6 +235,10 @@ def run(args: argparse.Namespace) -> None:
     teacher = teacher.to(device)  # before the inverter, which builds its tensors on the model's device
     inverter = SparseInverter(teacher, config)
     trainer = KDTrainer(teacher, student, kd, test, mean, std, out_dir=args.out, inverter=inverter)
+    try:
+        trainer.check_resumable()
+    except CheckpointMismatchError as err:
+        raise CLIError(f"--out {args.out}: {err}") from err
     pool = None
     if kd.source == "pool":
         pool = [inverter.invert(balanced_labels(args.num_images or 256, int(teacher.num_classes)))]
