@@ -50,7 +50,7 @@ from smi_plugin import InversionConfig, SparseInverter, StoppingSchedule, load_t
 from smi_plugin.batch import InvertedBatch, balanced_labels
 from smi_plugin.cli.common import add_inversion_arguments, inversion_config
 from smi_plugin.data import load_split
-from smi_plugin.distill import DistillConfig, KDTrainer, linear_probe_student
+from smi_plugin.distill import PROBE_HEADS, DistillConfig, KDTrainer, linear_probe_student
 from smi_plugin.evaluation import evaluate_accuracy
 from smi_plugin.images import model_normalization
 from smi_plugin.io import atomic_write_text
@@ -105,7 +105,7 @@ def real_reference_pool(teacher, dataset: str, size: int, mean, std, seed: int =
 def distil(args, teacher, batches, test, mean, std) -> dict:
     overrides = {} if args.mode == "linear-probe" else {"lr": 1e-3}  # the published rows' full-KD lr
     kd = DistillConfig.for_mode(args.mode, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
-                                mixup=1.0 if args.mixup else 0.0, **overrides)
+                                mixup=1.0 if args.mixup else 0.0, probe_head=args.probe_head, **overrides)
     history = KDTrainer(teacher, make_student(args, teacher), kd, test, mean, std, progress=False).fit(batches)
     return {"images": history["pool_size"][-1][1], "final_top1": history["eval"][-1][1],
             "best_top1": max(a for _, a in history["eval"]), "curve": history["eval"]}
@@ -203,6 +203,9 @@ def main() -> None:
     parser.add_argument("--teacher", default="fashion-mnist-vit-ft")
     parser.add_argument("--backbone", default=None, help="linear-probe student backbone (default: the teacher's init_from)")
     parser.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"])
+    parser.add_argument("--probe-head", default=DistillConfig.probe_head, choices=PROBE_HEADS,
+                        help="linear-probe head: solved by least squares, or trained by KD steps (gradient; the "
+                             "README's fixed-pool rows)")
     parser.add_argument("--dense-images", type=int, default=256)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=None, help="KD passes over each pool instead of --steps")

@@ -59,7 +59,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(iterations=40, calibration_images=16, kd_minutes=0.0, eval_batch_size=100, eval_images=500,
-                   kd_flags=("--steps", "8", "--pool-size", "32", "--batch-size", "16", "--iterations", "8",
+                   kd_flags=("--steps", "8", "--images-per-round", "16", "--batch-size", "16", "--iterations", "8",
                              "--kd-batch-size", "16", "--eval-every", "8"), schemes=("w8a8",), tune_for_batch=0)
 
 
@@ -183,7 +183,7 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
     result["reloaded_top1"] = evaluate_accuracy(student, test, *model_normalization(student))
     result["directory"] = str(directory)
     curve = [(minutes, accuracy) for (_, minutes), (_, accuracy) in zip(result["curve_minutes"], result["curve"])]
-    save_curves({"student (online SMI inversion)": curve},
+    save_curves({f"student (SMI inversion, {result['source']} source)": curve},
                 out / "distillation_curves.png", xlabel="minutes", ylabel="top-1 on real held-out",
                 references={"teacher": result["teacher_accuracy"], "chance": result["chance_accuracy"]},
                 title="Data-free linear probe: student from inverted images only")

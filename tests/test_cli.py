@@ -81,28 +81,31 @@ def test_a_students_own_shape_and_a_saved_student_go_through_distill(tmp_path, c
 
 
 def test_distill_inverts_with_its_modes_recipe_unless_a_flag_says_otherwise(tmp_path, capsys):
-    """The online source inverts each linear-probe sample longer and keeps more of it than a full-KD one
-    (PROBE_INVERSION on top of ONLINE_INVERSION, after the mode is resolved); explicit flags beat either."""
+    """A linear probe with its solved head runs the paper's loop in rounds (PROBE_ROUNDS) and inverts each sample
+    longer, keeping more of it (PROBE_INVERSION on top of ONLINE_INVERSION, after the mode is resolved); full KD
+    and a gradient-trained head learn from the online pool; explicit flags beat either."""
     import json
 
-    from smi_plugin.cli.distill import ONLINE_INVERSION, PROBE_INVERSION
+    from smi_plugin.cli.distill import ONLINE_INVERSION, PROBE_INVERSION, PROBE_ROUNDS
 
-    def recipe(teacher: str, *flags: str) -> tuple[str, int, str]:
+    def recipe(teacher: str, *flags: str) -> tuple[str, str, int, str]:
         out = tmp_path / "kd.json"
         result = _smi(capsys, "distill", "--teacher", teacher, "--steps", "1", "--num-images", "8",
-                      "--kd-batch-size", "8", "--eval-images", "16", "--json", out, *flags)
+                      "--images-per-round", "8", "--kd-batch-size", "8", "--eval-images", "16", "--json", out, *flags)
         assert result.returncode == 0, result.stderr
         report = json.loads(out.read_text())
-        return report["mode"], report["inversion"]["iterations"], report["inversion"]["schedule"]
+        return report["mode"], report["source"], report["inversion"]["iterations"], report["inversion"]["schedule"]
 
     probe, full = PROBE_INVERSION["iterations"], ONLINE_INVERSION["iterations"]
-    assert probe != full
-    # --mode auto picks the probe here; its first two paper stages, scaled to its iterations, keep 49%.
-    assert recipe("fashion-mnist-vit-ft") == ("linear-probe", probe, str(StoppingSchedule.paper_scaled(probe, 2)))
-    assert recipe("digits-vit") == ("full", full, str(StoppingSchedule.paper_scaled(full)))
-    assert recipe("fashion-mnist-vit-ft", "--iterations", "12") == ("linear-probe", 12,
-                                                                     str(StoppingSchedule.paper_scaled(12, 2)))
-    assert recipe("fashion-mnist-vit-ft", "--schedule", "dense") == ("linear-probe", probe, "dense")
+    assert probe != full and PROBE_ROUNDS["source"] == "alternating"
+    # --mode auto picks the probe here; the paper's first stage, scaled to its iterations, keeps 70%.
+    assert recipe("fashion-mnist-vit-ft") == ("linear-probe", "alternating", probe,
+                                              str(StoppingSchedule.paper_scaled(probe, 1)))
+    assert recipe("digits-vit") == ("full", "online", full, str(StoppingSchedule.paper_scaled(full)))
+    assert recipe("fashion-mnist-vit-ft", "--iterations", "12") == ("linear-probe", "alternating", 12,
+                                                                     str(StoppingSchedule.paper_scaled(12, 1)))
+    assert recipe("fashion-mnist-vit-ft", "--schedule", "dense", "--probe-head", "gradient") == (
+        "linear-probe", "online", probe, "dense")
 
 
 def test_distill_refuses_in_one_line_to_resume_a_run_with_other_settings(tmp_path, capsys):

@@ -12,9 +12,12 @@ from smi_plugin.distill import (
     CheckpointMismatchError,
     DistillConfig,
     KDTrainer,
+    LeastSquaresHead,
     augment_batch,
     build_optimizer,
     failed,
+    forward_sparse,
+    headless,
     kd_loss,
     learning_rate,
     linear_probe_student,
@@ -57,10 +60,10 @@ def tiny_student(seed: int = 0):
 
 
 @pytest.mark.slow
-def test_short_linear_probe_lowers_kd_loss_and_beats_chance(digits, tmp_path):
+def test_short_gradient_linear_probe_lowers_kd_loss_and_beats_chance(digits, tmp_path):
     teacher, test, mean, std, pool = digits
     student = linear_probe_student(teacher, 10)  # same backbone, fresh head
-    config = DistillConfig(mode="linear-probe", steps=60, batch_size=20, eval_every=60, lr=0.1)
+    config = DistillConfig(mode="linear-probe", probe_head="gradient", steps=60, batch_size=20, eval_every=60, lr=0.1)
     history = KDTrainer(teacher, student, config, test, mean, std, out_dir=tmp_path, progress=False).fit([pool])
     losses = [loss for _, loss in history["kd_loss"]]
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
@@ -70,16 +73,95 @@ def test_short_linear_probe_lowers_kd_loss_and_beats_chance(digits, tmp_path):
     assert head_only and all(n.startswith("head") for n in head_only)
 
 
-def _interrupt_at(trainer, monkeypatch, call: int) -> None:
-    original_step, calls = trainer.optimizer.step, {"n": 0}
+def test_least_squares_head_is_the_ridge_solution_over_every_batch():
+    torch.manual_seed(0)
+    features, targets = torch.randn(50, 6) * torch.tensor([10.0, 3, 1, 0.1, 0.01, 1e-3]) + 2, torch.randn(50, 4)
+    head = torch.nn.Linear(6, 4)
+    solver = LeastSquaresHead(head, ridge=0.0)
+    for rows in (slice(0, 7), slice(7, 30), slice(30, 50)):  # three batches of different sizes
+        solver.accumulate(*solver.increments(features[rows], targets[rows]))
+    solver.solve()
+    design = torch.cat([features, torch.ones(50, 1)], 1).double()
+    expected = torch.linalg.lstsq(design, targets.double()).solution  # the least-squares fit of all 50 rows
+    assert torch.allclose(head.weight.double(), expected[:6].T, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(head.bias.double(), expected[6], rtol=1e-3, atol=1e-4)
+    # A ridge shrinks the weights, never the bias: a huge one leaves the mean target.
+    solver = LeastSquaresHead(head, ridge=1e9)
+    solver.accumulate(*solver.increments(features, targets))
+    solver.solve()
+    assert head.weight.abs().max() < 1e-6 and torch.allclose(head.bias, targets.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="probe_head='gradient'"):
+        LeastSquaresHead(torch.nn.Sequential(torch.nn.Linear(6, 4)))
 
-    def failing_step(*args, **kwargs):
+
+def test_headless_features_keep_the_input_order_of_mixed_kept_counts(tiny_vit):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 32, 32)
+    mask = torch.rand(5, 8, 8) < torch.tensor([0.2, 0.9, 0.5, 0.9, 0.2]).view(5, 1, 1)  # different counts
+    mask[:, 0, 0] = True
+    with torch.no_grad(), headless(tiny_vit, tiny_vit.head):
+        features = forward_sparse(tiny_vit, x, mask)
+    assert isinstance(tiny_vit.head, torch.nn.Linear)  # restored
+    with torch.no_grad():
+        assert torch.allclose(tiny_vit.head(features), forward_sparse(tiny_vit, x, mask), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_least_squares_linear_probe_solves_only_the_head_once_per_sample_and_beats_chance(digits):
+    teacher, test, mean, std, pool = digits
+    config = DistillConfig(mode="linear-probe", steps=2, batch_size=20, eval_every=2)
+    student = linear_probe_student(teacher, 10)  # same backbone, fresh head
+    trainer = KDTrainer(teacher, student, config, test, mean, std, progress=False)
+    history = trainer.fit([pool])
+    assert history["eval"][-1][1] > 0.5  # chance is 0.1; the teacher's own body, so a solved head is good at once
+    changed = {name for name, value in student.state_dict().items() if not torch.equal(value, teacher.state_dict()[name])}
+    assert changed == {"head.weight", "head.bias"} and not any(p.requires_grad for p in student.parameters())
+    assert trainer.head_solver.gram[-1, -1] == 2 * len(pool)  # each sample and its mirror, once
+
+
+@pytest.mark.slow
+def test_least_squares_head_absorbs_each_finished_online_sample_once(digits):
+    teacher, _, mean, std, _ = digits
+    config = DistillConfig(source="online", steps=10, pool_size=16, batch_size=4, inversion_steps=2, eval_every=100)
+    trainer = KDTrainer(teacher, linear_probe_student(teacher, 10), config, None, mean, std,
+                        inverter=_online(teacher), progress=False)
+    trainer.fit()
+    assert trainer.online.finished == 16 and trainer.head_solver.gram[-1, -1] == 2 * 16  # unfinished ones: not yet
+
+
+@pytest.mark.slow
+def test_least_squares_probe_resumes_to_the_uninterrupted_head(digits, tmp_path, monkeypatch):
+    teacher, _, mean, std, _ = digits
+    config = DistillConfig(source="alternating", steps=6, images_per_round=8, kd_steps_per_round=2, batch_size=4,
+                           eval_every=100, checkpoint_every=2)
+    reference = linear_probe_student(teacher, 10)
+    KDTrainer(teacher, reference, config, None, mean, std, inverter=_online(teacher), progress=False).fit()
+    trainer = KDTrainer(teacher, linear_probe_student(teacher, 10), config, None, mean, std, out_dir=tmp_path,
+                        inverter=_online(teacher), progress=False)
+    _interrupt_at(trainer, monkeypatch, 3)  # in the third round's solve, after the checkpoint of step 4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    resumed = linear_probe_student(teacher, 10)
+    history = KDTrainer(teacher, resumed, config, None, mean, std, out_dir=tmp_path, inverter=_online(teacher),
+                        progress=False).fit()
+    assert [step for step, _ in history["kd_loss"]] == [1, 2, 3, 4, 5, 6]
+    assert torch.allclose(resumed.head.weight, reference.head.weight, atol=1e-6)  # the sums were checkpointed
+    assert torch.allclose(resumed.head.bias, reference.head.bias, atol=1e-6)
+
+
+def _interrupt_at(trainer, monkeypatch, call: int) -> None:
+    """Interrupt ``trainer`` in its ``call``-th student update (an optimizer step, or a head solve)."""
+    owner = trainer.optimizer if trainer.optimizer is not None else trainer.head_solver
+    name = "step" if trainer.optimizer is not None else "solve"
+    original, calls = getattr(owner, name), {"n": 0}
+
+    def failing_update(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == call:
             raise KeyboardInterrupt
-        return original_step(*args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer.optimizer, "step", failing_step)
+    monkeypatch.setattr(owner, name, failing_update)
 
 
 def test_resume_after_interruption_repeats_and_skips_nothing(digits, tmp_path, monkeypatch):
