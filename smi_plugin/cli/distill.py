@@ -253,8 +253,8 @@ def run(args: argparse.Namespace) -> None:
     inverter = SparseInverter(teacher, config)
     try:
         trainer = KDTrainer(teacher, student, kd, test, mean, std, out_dir=args.out, inverter=inverter)
-    except ValueError as err:  # a student whose head the probe cannot train or solve
-        raise CLIError(f"--student: {err}") from err
+    except ValueError as err:  # e.g. a student whose head the probe cannot train or solve: one line, no work done
+        raise CLIError(str(err)) from err
     try:
         trainer.check_resumable()
     except CheckpointMismatchError as err:
