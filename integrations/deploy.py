@@ -48,8 +48,11 @@ PACKAGE_FILE = "compiled.pt2"
 # tune_for_batch, GEMMs tuned for small batches.
 DEFAULT_MODEL, LATENCY_MODEL = "model", "latency"
 CARD_FILE = "card.json"
-# What a compiled program's unquantized ops run in: the autocast dtype of each resolved precision.
-AUTOCAST_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+# What a compiled program's unquantized ops run in (resolved, as a card records it): float32;
+# bfloat16 under autocast (torchao's int8-mixed-bf16); or float32 but for the attention, whose matmuls
+# run in bfloat16 (``attention_in_bfloat16``).
+PRECISIONS = ("float32", "bfloat16", "bfloat16-attention")
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # Schemes whose pt2e graph inductor lowers to int8 (oneDNN qlinear) kernels. w4a8 keeps 4-bit
 # weight values in int8 storage: W4 accuracy, W8 speed and size.
 LOWERABLE_SCHEMES = ("w8a8", "w4a8")
@@ -170,23 +173,68 @@ def _register_x86_lowering() -> None:
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
 
-def compile_quantized(program: torch.export.ExportedProgram | nn.Module,
+def compile_quantized(program: torch.export.ExportedProgram | torch.fx.GraphModule,
                       unquantized_precision: str = "float32") -> FrozenCompiled:
     """The int8-kernel module of an exported quantized program (or of its ``.module()``).
 
-    ``unquantized_precision``: ``"float32"`` or ``"bfloat16"`` (torchao's int8-mixed-bf16) for the ops
-    left unquantized; a saved model's card records which one its accuracy was measured with.
+    ``unquantized_precision``: one of ``PRECISIONS``, what the ops left unquantized run in; a saved
+    model's card records which one its accuracy was measured with.
     """
-    dtype = _autocast_dtype(unquantized_precision)
     module = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     _register_x86_lowering()
-    return FrozenCompiled(module, dtype)
+    return FrozenCompiled(_with_precision(module, unquantized_precision))
 
 
-def _autocast_dtype(unquantized_precision: str) -> torch.dtype | None:
-    if unquantized_precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"unquantized_precision must be one of {tuple(AUTOCAST_DTYPES)}, got {unquantized_precision!r}")
-    return AUTOCAST_DTYPES[unquantized_precision]
+def _with_precision(module: nn.Module, unquantized_precision: str) -> nn.Module:
+    """``module`` with its unquantized ops running in ``unquantized_precision`` once compiled."""
+    if unquantized_precision not in PRECISIONS:
+        raise ValueError(f"unquantized_precision must be one of {PRECISIONS}, got {unquantized_precision!r}")
+    if unquantized_precision == "bfloat16":
+        return _Autocast(module, torch.bfloat16)
+    if unquantized_precision == "bfloat16-attention":
+        if not isinstance(module, torch.fx.GraphModule):
+            raise ValueError("unquantized_precision='bfloat16-attention' rewrites a graph: pass an exported "
+                             "program (export_quantized) or its .module()")
+        return attention_in_bfloat16(module)
+    return module
+
+
+def bfloat16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       scale: float | None = None) -> torch.Tensor:
+    """``softmax(query @ key^T * scale) @ value`` with both matmuls in bfloat16 (float32 accumulation) and
+    the softmax in float32, returned in ``query``'s dtype.
+
+    Why not ``scaled_dot_product_attention`` in bfloat16: aten's CPU flash-attention kernel is no faster in
+    bfloat16 than in float32 without AMX, while inductor runs these two matmuls as oneDNN bfloat16 GEMMs
+    (AVX512-BF16) and fuses the casts, scale and softmax into one kernel: DeiT-Small's attention at batch
+    32, 2 threads of an AMD EPYC without AMX, 5.6 ms per block against float32 flash attention's 13.8 ms.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = query.to(torch.bfloat16) @ key.to(torch.bfloat16).transpose(-2, -1)
+    weights = (scores.float() * scale).softmax(-1).to(torch.bfloat16)
+    return (weights @ value.to(torch.bfloat16)).to(query.dtype)
+
+
+def attention_in_bfloat16(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite, in place, each ``scaled_dot_product_attention`` of an exported graph without mask, dropout
+    or causal masking (a ViT's) into ``bfloat16_attention``; returns ``graph_module``. Other attention
+    calls are left as they are."""
+    names = [argument.name for argument in _SDPA._schema.arguments]
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function" or node.target is not _SDPA:
+            continue
+        bound = {**dict(zip(names, node.args)), **node.kwargs}
+        if (bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) or bound.get("is_causal", False)
+                or bound.get("enable_gqa", False)):
+            continue
+        with graph_module.graph.inserting_before(node):
+            rewritten = graph_module.graph.call_function(
+                bfloat16_attention, (bound["query"], bound["key"], bound["value"]), {"scale": bound.get("scale")})
+        rewritten.meta = dict(node.meta)
+        node.replace_all_uses_with(rewritten)
+        graph_module.graph.erase_node(node)
+    graph_module.recompile()
+    return graph_module
 
 
 def cpu_target() -> str:
@@ -238,7 +286,8 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
 
     Args:
         model: an ``export_quantized`` program, or any module mapping images to logits (the FP32 teacher).
-        unquantized_precision: ``"float32"`` or ``"bfloat16"`` autocast for the ops not quantized.
+        unquantized_precision: one of ``PRECISIONS``, for the ops not quantized (``"bfloat16-attention"``:
+            an exported program only).
         image_shape: ``(C, H, W)``; read from the program's input when ``None``.
         max_batch: the largest batch size the package accepts (an exported program's own bound, if lower).
         tune_for_batch: ``N > 0`` compiles the program a second time with each GEMM's kernel chosen by
@@ -250,7 +299,6 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
     """
     from torch._inductor.package import package_aoti
 
-    dtype = _autocast_dtype(unquantized_precision)
     if isinstance(model, torch.export.ExportedProgram):
         _register_x86_lowering()  # the program holds torchao's quantize/dequantize ops
         value = next(n for n in model.graph.nodes if n.op == "placeholder"
@@ -263,7 +311,7 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
         raise ValueError("compile_package needs image_shape=(C, H, W) for a module")
     if not 0 <= tune_for_batch <= max_batch:
         raise ValueError(f"tune_for_batch must be in [0, {max_batch}] (0: no tuning), got {tune_for_batch}")
-    module = _Autocast(model, dtype) if dtype is not None else model
+    module = _with_precision(model, unquantized_precision)
     keep_alive = None
     if path is None:
         keep_alive = tempfile.TemporaryDirectory(prefix="smi-compiled-")
@@ -449,16 +497,17 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
         return program.module()
     # the precision the card's accuracy was measured with (models saved before it was recorded: float32)
     precision = card.get("unquantized_precision", "float32")
-    if precision not in AUTOCAST_DTYPES:
+    if precision not in PRECISIONS:
         raise QuantizedModelError(f"{directory} has unquantized_precision {precision!r}; this version runs "
-                                  f"{', '.join(AUTOCAST_DTYPES)}")
-    if precision == "bfloat16":
+                                  f"{', '.join(PRECISIONS)}")
+    if precision.startswith("bfloat16"):
         from .torchao import native_bfloat16
 
         if not native_bfloat16():
-            logger.warning("%s runs its unquantized ops in bfloat16, which this CPU emulates (no AVX512-BF16/AMX): "
+            logger.warning("%s runs unquantized ops in bfloat16 (%s), which this CPU emulates (no AVX512-BF16/AMX): "
                            "the same precision, slower, and its accuracy may differ from the card's in the last "
-                           "digits; re-run 'smi quantize --unquantized-precision float32' here for speed", directory)
+                           "digits; re-run 'smi quantize --unquantized-precision float32' here for speed",
+                           directory, precision)
     return compile_quantized(program, precision)
 
 

@@ -36,7 +36,7 @@ SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a6": (8, 6), "w4a4": (4, 4)}
 BACKENDS = ("pt2e", "quantize_")
 COVERAGES = ("linear", "full")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
-UNQUANTIZED_PRECISIONS = ("auto", "float32", "bfloat16")
+UNQUANTIZED_PRECISIONS = ("auto", "float32", "bfloat16", "bfloat16-attention")
 
 
 def resolve_range_estimator(estimator: str, scheme: str) -> str:
@@ -58,12 +58,27 @@ def native_bfloat16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def fast_bfloat16() -> bool:
-    """Whether torchao's int8-mixed-bf16 runs faster here than int8 with float32 between the int8 linears:
-    on AMX CPUs (bfloat16 flash attention about 1.8x float32's on DeiT-Small), not on AVX512-BF16 alone
-    (AMD Zen 4, 2 threads, int8 packages: float32 as fast or 2-9% faster on digits-vit, DeiT-Tiny and
-    DeiT-Small at batch 1 and 32-100)."""
+def amx() -> bool:
+    """Whether this CPU has AMX tiles (bfloat16 and int8 matrix units)."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def resolve_unquantized_precision(precision: str) -> str:
+    """``auto``: what the ops between the int8 linears run fastest in on this CPU, measured on int8
+    packages (2 threads):
+
+    - AMX: ``bfloat16``, torchao's int8-mixed-bf16 (bfloat16 flash attention about 1.8x float32's on
+      DeiT-Small);
+    - AVX512-BF16 without AMX: ``bfloat16-attention``, float32 but for the attention's two matmuls (AMD Zen 5:
+      DeiT-Small 1.3x faster than float32 between at batch 32; whole-model bfloat16 autocast was as fast as
+      float32 or slower on Zen 4, its flash-attention kernel gaining nothing there);
+    - otherwise ``float32`` (bfloat16 would be emulated).
+    """
+    if precision != "auto":
+        return precision
+    if amx():
+        return "bfloat16"
+    return "bfloat16-attention" if native_bfloat16() else "float32"
 
 
 @dataclass
@@ -86,11 +101,13 @@ class InvertedPTQConfig(ConfigBase):
     batch_size: int = option(32, "calibration images per forward")
     max_samples: int = option(1 << 20, "values kept per observer for the percentile/mse estimators")
     unquantized_precision: str = option("auto", "what the saved model's float ops between the int8 linears run in: "
-                                        "float32, or bfloat16 (torchao's int8-mixed-bf16 autocast: in a ViT the "
+                                        "float32; bfloat16 (torchao's int8-mixed-bf16 autocast: in a ViT the "
                                         "attention's q/k/v, softmax and weighted sum; LayerNorm and the residual "
-                                        "stream stay float32), or auto (bfloat16 where the CPU multiplies it "
-                                        "faster than float32: AMX; else float32). Saved models only: --compare "
-                                        "judges the q/dq simulation", choices=UNQUANTIZED_PRECISIONS)
+                                        "stream stay float32); bfloat16-attention (float32 but for the "
+                                        "attention's two matmuls); or auto (the fastest measured for the CPU: "
+                                        "bfloat16 with AMX, bfloat16-attention with AVX512-BF16 alone, else "
+                                        "float32). Saved models only: --compare judges the q/dq simulation",
+                                        choices=UNQUANTIZED_PRECISIONS)
     tune_for_batch: int = option(1, "saved models: compiled.pt2 also holds int8 GEMM kernels chosen by timing them "
                                  "at this batch size (inductor's max_autotune: AMX micro-kernels against oneDNN), "
                                  "run for the batch sizes at which they measured faster than oneDNN's (at batch 1 "
@@ -123,9 +140,7 @@ class InvertedPTQConfig(ConfigBase):
     @property
     def resolved_unquantized_precision(self) -> str:
         """``unquantized_precision`` with ``auto`` resolved for this machine's CPU."""
-        if self.unquantized_precision != "auto":
-            return self.unquantized_precision
-        return "bfloat16" if fast_bfloat16() else "float32"
+        return resolve_unquantized_precision(self.unquantized_precision)
 
     @property
     def resolved_range_estimator(self) -> str:

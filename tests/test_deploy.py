@@ -22,9 +22,10 @@ from smi_plugin import load_teacher
 from smi_plugin.calibration import SparseInvertedCalibrationDataset
 from smi_plugin.cli import main
 from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, PACKAGE_FILE, CompiledPackage,
-                                            FrozenCompiled, QuantizedModelError, check_deployable, compile_package,
-                                            compile_quantized, cpu_target, export_quantized, load_quantized,
-                                            measure_latency_crossover, save_quantized, write_program)
+                                            FrozenCompiled, QuantizedModelError, attention_in_bfloat16,
+                                            bfloat16_attention, check_deployable, compile_package, compile_quantized,
+                                            cpu_target, export_quantized, load_quantized, measure_latency_crossover,
+                                            save_quantized, write_program)
 from smi_plugin.evaluation import sqnr_db
 from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
 
@@ -151,9 +152,10 @@ def test_loaded_model_equals_the_in_memory_one_bit_for_bit(in_memory, real_image
         assert torch.nn.functional.cosine_similarity(fast(real_images), eager_loaded).min() > 0.99
 
 
-def test_int8_mixed_bfloat16_runs_the_float_ops_in_bfloat16_and_tracks_float32(in_memory, real_images):
+@pytest.mark.parametrize("precision", ["bfloat16", "bfloat16-attention"])
+def test_bfloat16_unquantized_ops_track_float32(in_memory, real_images, precision):
     program, float32_ops, _ = in_memory
-    mixed = compile_quantized(program, "bfloat16")
+    mixed = compile_quantized(program, precision)
     with torch.no_grad():
         reference, out = float32_ops(real_images), mixed(real_images)
     assert out.dtype == torch.float32
@@ -164,11 +166,45 @@ def test_int8_mixed_bfloat16_runs_the_float_ops_in_bfloat16_and_tracks_float32(i
         compile_quantized(program, "float16")
 
 
+def test_bfloat16_attention_is_softmax_attention_in_bfloat16():
+    query, key, value = torch.randn(3, 2, 4, 17, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for scale in (None, 0.3):
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+        out = bfloat16_attention(query, key, value, scale=scale)
+        assert out.dtype == torch.float32 and not torch.equal(out, expected)
+        # by hand: the weights sum to one, so an output is off by at most bfloat16's rounding of the values
+        assert (out - expected).abs().max() < 2 ** -7 * value.abs().max() * 4
+
+
+class _TwoAttentions(torch.nn.Module):
+    def forward(self, x, mask):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return sdpa(x, x, x) + sdpa(x, x, x, attn_mask=mask)
+
+
+def test_only_unmasked_attention_is_rewritten():
+    x, mask = torch.randn(2, 3, 5, 8), torch.rand(5, 5) > 0.3
+    mask[:, 0] = True
+    graph = torch.export.export(_TwoAttentions(), (x, mask)).module()
+    with torch.no_grad():
+        expected = graph(x, mask)
+        rewritten = attention_in_bfloat16(graph)
+        calls = [node.target for node in rewritten.graph.nodes if node.op == "call_function"]
+        assert calls.count(torch.ops.aten.scaled_dot_product_attention.default) == 1  # the masked one stays
+        assert calls.count(bfloat16_attention) == 1
+        out = rewritten(x, mask)
+    assert not torch.equal(out, expected) and torch.allclose(out, expected, atol=0.05)
+    with pytest.raises(ValueError, match="exported program"):
+        compile_quantized(_TwoAttentions(), "bfloat16-attention")
+
+
 def test_auto_unquantized_precision_follows_the_cpu(monkeypatch):
     import smi_plugin.integrations.torchao as torchao_adapter
 
-    for fast, expected in ((True, "bfloat16"), (False, "float32")):
-        monkeypatch.setattr(torchao_adapter, "fast_bfloat16", lambda fast=fast: fast)
+    for amx, native, expected in ((True, True, "bfloat16"), (False, True, "bfloat16-attention"),
+                                  (False, False, "float32")):
+        monkeypatch.setattr(torchao_adapter, "amx", lambda amx=amx: amx)
+        monkeypatch.setattr(torchao_adapter, "native_bfloat16", lambda native=native: native)
         assert InvertedPTQConfig().resolved_unquantized_precision == expected
         assert InvertedPTQConfig(unquantized_precision="float32").resolved_unquantized_precision == "float32"
     with pytest.raises(ValueError, match="unquantized_precision"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from smi_plugin.integrations.deploy import cpu_target
+from smi_plugin.integrations.torchao import InvertedPTQConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -28,7 +29,7 @@ def test_quantized_speed_reports_latency_and_sizes(tmp_path):
     rows = digits["latency"]["4"]
     assert set(rows) == {"fp32 eager", "fp32 compiled", "fp32 package", "bf16 compiled", "int8 compiled",
                          "int8 package", "ort fp32", "ort int8"}
-    assert digits["int8_unquantized_precision"] in ("float32", "bfloat16")
+    assert digits["int8_unquantized_precision"] == InvertedPTQConfig().resolved_unquantized_precision
     assert all(r["median_s"] > 0 for r in rows.values())
     assert min(rows[v]["sqnr_db_vs_fp32"] for v in ("fp32 compiled", "fp32 package", "ort fp32")) > 60
     assert 30 < rows["bf16 compiled"]["sqnr_db_vs_fp32"] < 60  # bfloat16 rounding: close, not equal
