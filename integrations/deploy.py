@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import time
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import torch
 from torch import nn
@@ -329,9 +331,11 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
         # Generated files keep their content-hashed names (aot_inductor.model_name_for_generated_files
         # would name them after the model, and inductor's cache would then reuse the first such file for
         # every later program: stale constants, garbage logits, torch 2.14); packaging names the models.
-        files = {name: torch._inductor.aot_compile(graph, (example,),
-                                                   options={"freezing": True, "aot_inductor.package": True, **options})
-                 for name, options in compiles.items()}
+        files = {}
+        for name, options in compiles.items():
+            with _no_cpp_bmm_template() if options.get("max_autotune") else contextlib.nullcontext():
+                files[name] = torch._inductor.aot_compile(
+                    graph, (example,), options={"freezing": True, "aot_inductor.package": True, **options})
     package_aoti(str(path), files)
     latency_up_to_batch = 0
     if tune_for_batch:
@@ -342,6 +346,21 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
                 f" (kernels tuned at batch {tune_for_batch} run batches up to {latency_up_to_batch})"
                 if tune_for_batch else "")
     return CompiledPackage(path, cpu_target(), tune_for_batch, latency_up_to_batch, keep_alive)
+
+
+def _no_cpp_bmm_template() -> contextlib.AbstractContextManager:
+    """Keep inductor's C++ bmm template out of a ``max_autotune`` compile (aten's bmm runs instead).
+
+    With a batch size that varies, autotuning that template freezes the first bmm's operand view at the
+    example's batch size: the package then fails at any other batch ("Expected size for first two
+    dimensions of batch2 tensor"), the attention's bmm of ``bfloat16-attention`` included (torch 2.14,
+    whenever inductor's autotune cache is cold). The int8 GEMMs are what the tuned compile is for.
+    """
+    import torch._inductor.kernel.bmm as bmm_lowering
+
+    if not hasattr(bmm_lowering, "use_cpp_bmm_template"):
+        return contextlib.nullcontext()
+    return mock.patch.object(bmm_lowering, "use_cpp_bmm_template", lambda *args, **kwargs: False)
 
 
 def measure_latency_crossover(path: str | os.PathLike, image_shape: tuple[int, ...], largest_batch: int,

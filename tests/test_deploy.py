@@ -108,6 +108,34 @@ print("ACCURACY", repr(top1_accuracy(logits, split.labels)), repr(card["quantize
     assert reproduced == recorded and kind == "CompiledPackage"  # the package itself: no compile on load
 
 
+@pytest.mark.slow(seconds=90)
+def test_a_tuned_bfloat16_attention_package_runs_every_batch_size_from_a_cold_cache(in_memory, real_images,
+                                                                                     tmp_path):
+    """On a fresh machine (inductor's caches empty) autotuning inductor's C++ bmm template once froze the
+    attention's first bmm at the example's batch size: the package then failed at any other batch."""
+    _, _, directory = in_memory
+    torch.save(real_images[:5], tmp_path / "images.pt")
+    script = f"""
+import torch
+from smi_plugin.integrations.deploy import _register_x86_lowering, compile_package
+from smi_plugin.evaluation import sqnr_db
+_register_x86_lowering()
+program = torch.export.load({str(directory / MODEL_FILE)!r})
+package = compile_package(program, unquantized_precision="bfloat16-attention", tune_for_batch=1)
+for batch in (1, 3, 5):
+    images = torch.load({str(tmp_path / "images.pt")!r})[:batch]
+    with torch.no_grad():
+        print("SQNR", batch, sqnr_db(program.module()(images), package(images)))
+print("LATENCY_UP_TO", package.latency_up_to_batch)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sqnrs = [float(line.split()[2]) for line in result.stdout.splitlines() if line.startswith("SQNR")]
+    assert len(sqnrs) == 3 and min(sqnrs) > 25  # both compiles, at batch sizes other than the example's
+
+
 def test_a_package_for_another_cpu_is_compiled_here_instead(cli_output, tmp_path, caplog, real_images):
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(cli_output, elsewhere)
