@@ -208,8 +208,8 @@ def bfloat16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     Why not ``scaled_dot_product_attention`` in bfloat16: aten's CPU flash-attention kernel is no faster in
     bfloat16 than in float32 without AMX, while inductor runs these two matmuls as oneDNN bfloat16 GEMMs
-    (AVX512-BF16) and fuses the casts, scale and softmax into one kernel: DeiT-Small's attention at batch
-    32, 2 threads of an AMD EPYC without AMX, 5.6 ms per block against float32 flash attention's 13.8 ms.
+    (AVX512-BF16) and fuses the casts, scale and softmax into one kernel: DeiT-Small's int8 package at batch
+    32, 2 threads of an AMD EPYC Zen 5 (no AMX), 239 ms against 342 ms with float32 flash attention.
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     scores = query.to(torch.bfloat16) @ key.to(torch.bfloat16).transpose(-2, -1)

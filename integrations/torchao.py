@@ -70,7 +70,7 @@ def resolve_unquantized_precision(precision: str) -> str:
     - AMX: ``bfloat16``, torchao's int8-mixed-bf16 (bfloat16 flash attention about 1.8x float32's on
       DeiT-Small);
     - AVX512-BF16 without AMX: ``bfloat16-attention``, float32 but for the attention's two matmuls (AMD Zen 5:
-      DeiT-Small 1.3x faster than float32 between at batch 32; whole-model bfloat16 autocast was as fast as
+      DeiT-Small 1.4x faster than float32 between at batch 1 and 32; whole-model bfloat16 autocast was as fast as
       float32 or slower on Zen 4, its flash-attention kernel gaining nothing there);
     - otherwise ``float32`` (bfloat16 would be emulated).
     """
