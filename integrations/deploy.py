@@ -41,6 +41,8 @@ from torch import nn
 from smi_plugin.io import current_umask
 from smi_plugin.tokens import PatchGrid, images_to_patches
 
+from .torchao import PRECISIONS
+
 logger = logging.getLogger(__name__)
 
 FORMAT = "smi-plugin/quantized-vit/v1"
@@ -50,10 +52,6 @@ PACKAGE_FILE = "compiled.pt2"
 # tune_for_batch, GEMMs tuned for small batches.
 DEFAULT_MODEL, LATENCY_MODEL = "model", "latency"
 CARD_FILE = "card.json"
-# What a compiled program's unquantized ops run in (resolved, as a card records it): float32;
-# bfloat16 under autocast (torchao's int8-mixed-bf16); or float32 but for the attention, whose matmuls
-# run in bfloat16 (``attention_in_bfloat16``).
-PRECISIONS = ("float32", "bfloat16", "bfloat16-attention")
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 # Schemes whose pt2e graph inductor lowers to int8 (oneDNN qlinear) kernels. w4a8 keeps 4-bit
 # weight values in int8 storage: W4 accuracy, W8 speed and size.
@@ -520,7 +518,7 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
         raise QuantizedModelError(f"{directory} has unquantized_precision {precision!r}; this version runs "
                                   f"{', '.join(PRECISIONS)}")
     if precision.startswith("bfloat16"):
-        from .torchao import native_bfloat16
+        from .torchao import native_bfloat16  # looked up at call time: tests stand in for the CPU probe
 
         if not native_bfloat16():
             logger.warning("%s runs unquantized ops in bfloat16 (%s), which this CPU emulates (no AVX512-BF16/AMX): "

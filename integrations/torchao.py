@@ -36,7 +36,11 @@ SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a6": (8, 6), "w4a4": (4, 4)}
 BACKENDS = ("pt2e", "quantize_")
 COVERAGES = ("linear", "full")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
-UNQUANTIZED_PRECISIONS = ("auto", "float32", "bfloat16", "bfloat16-attention")
+# What a compiled program's unquantized ops run in (resolved, as a card records it): float32;
+# bfloat16 under autocast (torchao's int8-mixed-bf16); or float32 but for the attention, whose matmuls
+# run in bfloat16 (``deploy.attention_in_bfloat16``).
+PRECISIONS = ("float32", "bfloat16", "bfloat16-attention")
+UNQUANTIZED_PRECISIONS = ("auto", *PRECISIONS)
 
 
 def resolve_range_estimator(estimator: str, scheme: str) -> str:
@@ -54,8 +58,7 @@ def resolve_range_estimator(estimator: str, scheme: str) -> str:
 def native_bfloat16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX); without them
     bfloat16 is emulated."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return amx() or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
 def amx() -> bool:

@@ -126,7 +126,6 @@ for batch in (1, 3, 5):
     images = torch.load({str(tmp_path / "images.pt")!r})[:batch]
     with torch.no_grad():
         print("SQNR", batch, sqnr_db(program.module()(images), package(images)))
-print("LATENCY_UP_TO", package.latency_up_to_batch)
 """
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")}
