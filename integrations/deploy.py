@@ -189,13 +189,13 @@ def _with_precision(module: nn.Module, unquantized_precision: str) -> nn.Module:
     """``module`` with its unquantized ops running in ``unquantized_precision`` once compiled."""
     if unquantized_precision not in PRECISIONS:
         raise ValueError(f"unquantized_precision must be one of {PRECISIONS}, got {unquantized_precision!r}")
-    if unquantized_precision == "bfloat16":
-        return _Autocast(module, torch.bfloat16)
-    if unquantized_precision == "bfloat16-attention":
+    if unquantized_precision == "bfloat16-matmul-attention":
         if not isinstance(module, torch.fx.GraphModule):
-            raise ValueError("unquantized_precision='bfloat16-attention' rewrites a graph: pass an exported "
+            raise ValueError("unquantized_precision='bfloat16-matmul-attention' rewrites a graph: pass an exported "
                              "program (export_quantized) or its .module()")
-        return attention_in_bfloat16(module)
+        module = attention_in_bfloat16(module)
+    if unquantized_precision.startswith("bfloat16"):
+        return _Autocast(module, torch.bfloat16)
     return module
 
 
@@ -206,12 +206,16 @@ def bfloat16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     Why not ``scaled_dot_product_attention`` in bfloat16: aten's CPU flash-attention kernel is no faster in
     bfloat16 than in float32 without AMX, while inductor runs these two matmuls as oneDNN bfloat16 GEMMs
-    (AVX512-BF16) and fuses the casts, scale and softmax into one kernel: DeiT-Small's int8 package at batch
-    32, 2 threads of an AMD EPYC Zen 5 (no AMX), 239 ms against 342 ms with float32 flash attention.
+    (AVX512-BF16) and fuses the casts and the softmax into one kernel (figures in the README, "The attention
+    in bfloat16 without AMX").
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = query.to(torch.bfloat16) @ key.to(torch.bfloat16).transpose(-2, -1)
-    weights = (scores.float() * scale).softmax(-1).to(torch.bfloat16)
+    # The scale goes on the query (as in timm's unfused attention), not on the 197x197 scores.
+    scores = ((query * scale).to(torch.bfloat16) @ key.to(torch.bfloat16).transpose(-2, -1)).float()
+    # The softmax written out: inductor's own lowering divides every score by the row's sum, and a division
+    # costs several multiplications; one reciprocal per row instead.
+    exponentials = (scores - scores.amax(-1, keepdim=True)).exp()
+    weights = (exponentials * exponentials.sum(-1, keepdim=True).reciprocal()).to(torch.bfloat16)
     return (weights @ value.to(torch.bfloat16)).to(query.dtype)
 
 
@@ -286,8 +290,8 @@ def compile_package(model: torch.export.ExportedProgram | nn.Module, path: str |
 
     Args:
         model: an ``export_quantized`` program, or any module mapping images to logits (the FP32 teacher).
-        unquantized_precision: one of ``PRECISIONS``, for the ops not quantized (``"bfloat16-attention"``:
-            an exported program only).
+        unquantized_precision: one of ``PRECISIONS``, for the ops not quantized
+            (``"bfloat16-matmul-attention"``: an exported program only).
         image_shape: ``(C, H, W)``; read from the program's input when ``None``.
         max_batch: the largest batch size the package accepts (an exported program's own bound, if lower).
         tune_for_batch: ``N > 0`` compiles the program a second time with each GEMM's kernel chosen by
@@ -351,7 +355,7 @@ def _no_cpp_bmm_template() -> contextlib.AbstractContextManager:
 
     With a batch size that varies, autotuning that template freezes the first bmm's operand view at the
     example's batch size: the package then fails at any other batch ("Expected size for first two
-    dimensions of batch2 tensor"), the attention's bmm of ``bfloat16-attention`` included (torch 2.14,
+    dimensions of batch2 tensor"), the attention's bmm of ``bfloat16-matmul-attention`` included (torch 2.14,
     whenever inductor's autotune cache is cold). The int8 GEMMs are what the tuned compile is for.
     """
     import torch._inductor.kernel.bmm as bmm_lowering

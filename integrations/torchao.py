@@ -37,9 +37,9 @@ BACKENDS = ("pt2e", "quantize_")
 COVERAGES = ("linear", "full")
 RANGE_ESTIMATORS = ("auto", "minmax", "percentile", "mse")
 # What a compiled program's unquantized ops run in (resolved, as a card records it): float32;
-# bfloat16 under autocast (torchao's int8-mixed-bf16); or float32 but for the attention, whose matmuls
-# run in bfloat16 (``deploy.attention_in_bfloat16``).
-PRECISIONS = ("float32", "bfloat16", "bfloat16-attention")
+# bfloat16 under autocast (torchao's int8-mixed-bf16, the attention by aten's flash kernel); or the same with
+# the attention as two bfloat16 matmuls around a float32 softmax (``deploy.attention_in_bfloat16``).
+PRECISIONS = ("float32", "bfloat16", "bfloat16-matmul-attention")
 UNQUANTIZED_PRECISIONS = ("auto", *PRECISIONS)
 
 
@@ -72,16 +72,17 @@ def resolve_unquantized_precision(precision: str) -> str:
 
     - AMX: ``bfloat16``, torchao's int8-mixed-bf16 (bfloat16 flash attention about 1.8x float32's on
       DeiT-Small);
-    - AVX512-BF16 without AMX: ``bfloat16-attention``, float32 but for the attention's two matmuls (AMD Zen 5:
-      DeiT-Small 1.4x faster than float32 between at batch 1 and 32; whole-model bfloat16 autocast was as fast as
-      float32 or slower on Zen 4, its flash-attention kernel gaining nothing there);
+    - AVX512-BF16 without AMX: ``bfloat16-matmul-attention``, int8-mixed-bf16 with the attention as two oneDNN
+      bfloat16 GEMMs (aten's bfloat16 flash-attention kernel gains nothing over float32's without AMX, so plain
+      ``bfloat16`` was as fast as float32 or slower on AMD Zen 4; DeiT-Small's package at batch 32 on Zen 4:
+      598 ms against 693 ms with only the attention's matmuls in bfloat16, which was 1.4x float32's on Zen 5);
     - otherwise ``float32`` (bfloat16 would be emulated).
     """
     if precision != "auto":
         return precision
     if amx():
         return "bfloat16"
-    return "bfloat16-attention" if native_bfloat16() else "float32"
+    return "bfloat16-matmul-attention" if native_bfloat16() else "float32"
 
 
 @dataclass
@@ -106,10 +107,11 @@ class InvertedPTQConfig(ConfigBase):
     unquantized_precision: str = option("auto", "what the saved model's float ops between the int8 linears run in: "
                                         "float32; bfloat16 (torchao's int8-mixed-bf16 autocast: in a ViT the "
                                         "attention's q/k/v, softmax and weighted sum; LayerNorm and the residual "
-                                        "stream stay float32); bfloat16-attention (float32 but for the "
-                                        "attention's two matmuls); or auto (the fastest measured for the CPU: "
-                                        "bfloat16 with AMX, bfloat16-attention with AVX512-BF16 alone, else "
-                                        "float32). Saved models only: --compare judges the q/dq simulation",
+                                        "stream stay float32; the attention by aten's flash kernel); "
+                                        "bfloat16-matmul-attention (the same, the attention as two bfloat16 "
+                                        "matmuls: faster without AMX); or auto (the fastest measured for the CPU: "
+                                        "bfloat16 with AMX, bfloat16-matmul-attention with AVX512-BF16 alone, "
+                                        "else float32). Saved models only: --compare judges the q/dq simulation",
                                         choices=UNQUANTIZED_PRECISIONS)
     tune_for_batch: int = option(1, "saved models: compiled.pt2 also holds int8 GEMM kernels chosen by timing them "
                                  "at this batch size (inductor's max_autotune: AMX micro-kernels against oneDNN), "

@@ -109,7 +109,7 @@ print("ACCURACY", repr(top1_accuracy(logits, split.labels)), repr(card["quantize
 
 
 @pytest.mark.slow(seconds=90)
-def test_a_tuned_bfloat16_attention_package_runs_every_batch_size_from_a_cold_cache(in_memory, real_images,
+def test_a_tuned_bfloat16_matmul_attention_package_runs_every_batch_size_from_a_cold_cache(in_memory, real_images,
                                                                                      tmp_path):
     """On a fresh machine (inductor's caches empty) autotuning inductor's C++ bmm template once froze the
     attention's first bmm at the example's batch size: the package then failed at any other batch."""
@@ -121,7 +121,7 @@ from smi_plugin.integrations.deploy import _register_x86_lowering, compile_packa
 from smi_plugin.evaluation import sqnr_db
 _register_x86_lowering()
 program = torch.export.load({str(directory / MODEL_FILE)!r})
-package = compile_package(program, unquantized_precision="bfloat16-attention", tune_for_batch=1)
+package = compile_package(program, unquantized_precision="bfloat16-matmul-attention", tune_for_batch=1)
 for batch in (1, 3, 5):
     images = torch.load({str(tmp_path / "images.pt")!r})[:batch]
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_loaded_model_equals_the_in_memory_one_bit_for_bit(in_memory, real_image
         assert torch.nn.functional.cosine_similarity(fast(real_images), eager_loaded).min() > 0.99
 
 
-@pytest.mark.parametrize("precision", ["bfloat16", "bfloat16-attention"])
+@pytest.mark.parametrize("precision", ["bfloat16", "bfloat16-matmul-attention"])
 def test_bfloat16_unquantized_ops_track_float32(in_memory, real_images, precision):
     program, float32_ops, _ = in_memory
     mixed = compile_quantized(program, precision)
@@ -222,13 +222,13 @@ def test_only_unmasked_attention_is_rewritten():
         out = rewritten(x, mask)
     assert not torch.equal(out, expected) and torch.allclose(out, expected, atol=0.05)
     with pytest.raises(ValueError, match="exported program"):
-        compile_quantized(_TwoAttentions(), "bfloat16-attention")
+        compile_quantized(_TwoAttentions(), "bfloat16-matmul-attention")
 
 
 def test_auto_unquantized_precision_follows_the_cpu(monkeypatch):
     import smi_plugin.integrations.torchao as torchao_adapter
 
-    for amx, native, expected in ((True, True, "bfloat16"), (False, True, "bfloat16-attention"),
+    for amx, native, expected in ((True, True, "bfloat16"), (False, True, "bfloat16-matmul-attention"),
                                   (False, False, "float32")):
         monkeypatch.setattr(torchao_adapter, "amx", lambda amx=amx: amx)
         monkeypatch.setattr(torchao_adapter, "native_bfloat16", lambda native=native: native)
