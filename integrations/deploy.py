@@ -520,7 +520,7 @@ def load_quantized(directory: str | os.PathLike, compile: bool = True) -> nn.Mod
     precision = card.get("unquantized_precision", "float32")
     if precision not in PRECISIONS:
         raise QuantizedModelError(f"{directory} has unquantized_precision {precision!r}; this version runs "
-                                  f"{', '.join(PRECISIONS)}")
+                                  f"{', '.join(PRECISIONS)}: re-run 'smi quantize' with it")
     if precision.startswith("bfloat16"):
         from .torchao import native_bfloat16  # looked up at call time: tests stand in for the CPU probe
 

@@ -110,7 +110,7 @@ print("ACCURACY", repr(top1_accuracy(logits, split.labels)), repr(card["quantize
 
 @pytest.mark.slow(seconds=90)
 def test_a_tuned_bfloat16_matmul_attention_package_runs_every_batch_size_from_a_cold_cache(in_memory, real_images,
-                                                                                     tmp_path):
+                                                                                            tmp_path):
     """On a fresh machine (inductor's caches empty) autotuning inductor's C++ bmm template once froze the
     attention's first bmm at the example's batch size: the package then failed at any other batch."""
     _, _, directory = in_memory
@@ -151,6 +151,17 @@ def test_a_package_for_another_cpu_is_compiled_here_instead(cli_output, tmp_path
         jit = fallback(real_images)
         for aot in (package(real_images), torch.cat([package(real_images[:1]), package(real_images[1:])])):
             assert (jit.argmax(1) == aot.argmax(1)).float().mean() >= 0.98 and sqnr_db(aot, jit) > 30
+
+
+def test_a_card_with_a_precision_this_version_does_not_run_is_refused_in_one_line(cli_output, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(cli_output, elsewhere)
+    card = json.loads((elsewhere / CARD_FILE).read_text())
+    # the name an earlier version gave float32 with only the attention's matmuls in bfloat16
+    card["unquantized_precision"], card["compiled"]["cpu_target"] = "bfloat16-attention", "neon"
+    (elsewhere / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(QuantizedModelError, match="'bfloat16-attention'.*re-run 'smi quantize'"):
+        load_quantized(elsewhere)
 
 
 def test_a_package_takes_any_batch_size_and_matches_the_just_in_time_compile(in_memory, real_images):
