@@ -6,7 +6,7 @@ AOTInductor package: the same kernels called from C++); bf16 compiled (the FP32 
 autocast, compiled alike: what a CPU with native bfloat16 gives without quantizing); int8 compiled just
 in time and int8 package (our pt2e path: kept-token calibration, convert_pt2e, inductor freezing ->
 oneDNN int8 kernels; the ops left unquantized in ``--unquantized-precision``, by default bfloat16 on
-AMX CPUs, float32 elsewhere; the package is what ``smi quantize`` saves and ``load_quantized``
+AMX CPUs, bfloat16-matmul-attention with AVX512-BF16 alone, float32 elsewhere; the package is what ``smi quantize`` saves and ``load_quantized``
 returns: by default it also holds GEMM kernels tuned for batch ``--tune-for-batch``, run at the batch
 sizes where they measured faster, and "int8 package, oneDNN only" is the package without them);
 ONNX Runtime FP32 and ONNX Runtime int8 (QDQ, per-channel weights, calibrated on the same
