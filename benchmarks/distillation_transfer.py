@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--mode", default="linear-probe", choices=["linear-probe", "full"])
     parser.add_argument("--probe-head", default=DistillConfig.probe_head, choices=PROBE_HEADS,
                         help="linear-probe head: solved by least squares, or trained by KD steps (gradient; the "
-                             "README's fixed-pool rows)")
+                             "benchmarks/README.md's fixed-pool rows)")
     parser.add_argument("--dense-images", type=int, default=256)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--epochs", type=float, default=None, help="KD passes over each pool instead of --steps")

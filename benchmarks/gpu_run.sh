@@ -7,8 +7,8 @@
 #                           bfloat16 on the GPU)
 #   tiny-compiled, base-compiled   the compiled step's timings (one process per batch size for Base)
 #   base-bfloat16           DeiT-Base at batch 64/128 in bfloat16 (eager), with peak memory
-# benchmarks/results/h200-2026-12-04.json holds the figures of the lent machines' calls; the README's
-# "On a GPU" cites them.
+# benchmarks/results/h200-2026-12-04.json holds the figures of the lent machines' calls;
+# benchmarks/README.md's "On a GPU" cites them.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh                                   # every section (about 12 min)
 #   OUT=/tmp/gpu SECTIONS="cuda-tests base-compiled" bash benchmarks/gpu_run.sh

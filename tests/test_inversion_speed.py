@@ -69,11 +69,11 @@ def test_readme_benchmark_command_runs(tmp_path):
 
 
 def test_the_readme_gpu_table_is_the_committed_records():
-    """The README's "On a GPU" table is computed from benchmarks/results/ (a GPU run cannot be repeated here):
-    each row's its/s, speed-ups and peak memory follow from the records of its model and batch size, and the
+    """benchmarks/README.md's "On a GPU" table is computed from benchmarks/results/ (a GPU run cannot be repeated
+    here): each row's its/s, speed-ups and peak memory follow from the records of its model and batch size, and the
     bfloat16 paragraph's step times and speed-ups from the bfloat16 records."""
     records = json.loads((ROOT / "benchmarks/results/h200-2026-12-04.json").read_text())
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "benchmarks" / "README.md").read_text()
     eager = {(r["model"], r["batch_size"]): r for r in records if "reference_peak_memory_dense_bytes" in r}
     compiled = {(r["model"], r["batch_size"]): r for r in records if "compiled_stage_seconds_per_iteration" in r}
     assert len(eager) == 6

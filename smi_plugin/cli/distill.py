@@ -50,10 +50,10 @@ logger = logging.getLogger(__name__)
 
 # How to invert for KD. SMI stopping (InversionConfig's default, the paper's): at equal KD steps, with seeded
 # students, it trained better students than random stopping in 5 of 5 runs (full KD: digits 88.3% / 85.8% vs
-# 86.4% / 81.9%, Fashion-MNIST 32.9% / 35.5% vs 26.2% / 28.5%; linear probe 53.5% vs 51.8%; README, "Data-free
-# distillation with the defaults"); earlier unseeded 6-minute pairs had pointed the other way. Dirichlet soft
+# 86.4% / 81.9%, Fashion-MNIST 32.9% / 35.5% vs 26.2% / 28.5%; linear probe 53.5% vs 51.8%;
+# benchmarks/README.md, "SMI stopping"); earlier unseeded 6-minute pairs had pointed the other way. Dirichlet soft
 # targets (ZSKD) at scale 0.3: at equal steps digits 86.4% vs 77.2% one-hot; on a fixed pool of 1024
-# Fashion-MNIST inversions 35% vs 20% (scale 1.0: 26%, 0.1: 30%) (README, KD table).
+# Fashion-MNIST inversions 35% vs 20% (scale 1.0: 26%, 0.1: 30%) (benchmarks/README.md, "The data-like priors").
 KD_INVERSION = {"soft_targets": 0.3}
 # Inversion defaults of the online source: big batches, few small steps at a time, each slot starting from
 # noise drawn per patch and smoothed (initial_noise="patch"): at equal KD steps it trained better full-KD
@@ -61,20 +61,21 @@ KD_INVERSION = {"soft_targets": 0.3}
 # 35.9%) and an equal linear probe. Adam steps in each patch's cosine basis with high frequencies scaled
 # down (frequency_decay=3) keep the samples smooth as they are inverted: Fashion-MNIST full KD 51.0% against
 # 40.5% with per-pixel steps, the linear probe 62.5% against 55.1% (decays 1 / 2 / 5: 44.8% / 45.5% / 46.4%
-# and 56.7% / 60.5% / 60.9%), chosen on 2000 real training images, not the test set (README, "Data-free
-# distillation with the defaults").
+# and 56.7% / 60.5% / 60.9%), chosen on 2000 real training images, not the test set (benchmarks/README.md,
+# "Patch noise" and "Smooth steps").
 ONLINE_INVERSION = {"batch_size": 128, "lr": 0.1, "iterations": 100, "initial_noise": "patch", "frequency_decay": 3.0}
 # What the linear probe changes on top. A head on a frozen backbone learns from what finished samples show the
 # backbone, and it is judged on whole images but trained on the kept patches: the frozen backbone's features of
 # part of an image are not those of the whole. With the solved head, on 1024 inversions each (2000 real training
 # images as validation, never the test set): 65.7% at 14 of 64 patches kept (all four stages), 69.05% at 30 (two),
 # 71.25% at 44 (the paper's first stage alone); in 15 minutes of rounds 71.0% at 44 against 69.3% at 30, and
-# 71.5% dense beside it: level within a point (README, "The probe's head, solved").
+# 71.5% dense beside it: level within a point (benchmarks/README.md, "The probe's head, solved").
 PROBE_INVERSION = {"iterations": 200, "schedule": "paper-scaled:1"}
 # The linear probe's source, with its head solved by least squares (DistillConfig.probe_head): the paper's loop,
 # each round inverting one batch of 128 to the end and adding it to the head's sums. The solved head needs no KD
 # steps, so the budget goes to inversion: in 15 minutes on the validation images, 69.3% with two stages against
-# 67.4% from the online pool with a head solved over its KD batches and 66.5% with KD steps (README).
+# 67.4% from the online pool with a head solved over its KD batches and 66.5% with KD steps
+# (benchmarks/README.md, "The probe's head, solved").
 PROBE_ROUNDS = {"source": "alternating", "images_per_round": 128, "kd_steps_per_round": 1, "eval_every": 5,
                 "checkpoint_every": 5}
 # The command's training budget when neither --steps nor --epochs is given.

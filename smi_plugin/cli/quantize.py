@@ -23,7 +23,7 @@ from .options import CLIError, add_config_arguments, config_from_args
 COMPARE_SOURCES = "gaussian,dense,sparse,real"
 # Calibration inversions stop random patches: their ranges cover background tokens as well, which real
 # images have; at W4A4 they calibrated best on the scattered-items teacher (71.6% vs SMI's 65.1%) and
-# within the spread elsewhere (README, "Patch-selection policies, head to head").
+# within the spread elsewhere (benchmarks/README.md, "Patch-selection policies, head to head").
 CALIBRATION_INVERSION = {"selection": "random"}
 PTQ_PREFIXED = ("batch_size",)  # --ptq-batch-size: --batch-size is the inversion's
 
