@@ -15,7 +15,7 @@
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh                # every section (more than one call: BUDGET stops it)
 #   OUT=/tmp/gpu SECTIONS="cuda-tests base-compiled" bash benchmarks/gpu_run.sh
-#   OUT=/tmp/gpu SECTIONS="base-bfloat16-compiled" bash benchmarks/gpu_run.sh   # what issue 19 still lacks
+#   OUT=/tmp/gpu SECTIONS="base-bfloat16-compiled" bash benchmarks/gpu_run.sh   # not measured yet
 #
 # Each benchmark process appends its records to $OUT/gpu_records.jsonl as it ends, so a time-out keeps the
 # finished ones; the whole script stays under BUDGET seconds (default 540).
