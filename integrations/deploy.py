@@ -206,8 +206,8 @@ def bfloat16_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
     Why not ``scaled_dot_product_attention`` in bfloat16: aten's CPU flash-attention kernel is no faster in
     bfloat16 than in float32 without AMX, while inductor runs these two matmuls as oneDNN bfloat16 GEMMs
-    (AVX512-BF16) and fuses the casts and the softmax into one kernel (figures in benchmarks/README.md, "The attention
-    in bfloat16 without AMX").
+    (AVX512-BF16) and fuses the casts and the softmax into one kernel (figures in benchmarks/README.md,
+    "The attention in bfloat16 without AMX").
     """
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     # The scale goes on the query (as in timm's unfused attention), not on the 197x197 scores.

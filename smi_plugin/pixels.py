@@ -87,7 +87,8 @@ def initial_noise(kind: str, batch: int, channels: int, grid: PatchGrid, generat
     ``pixel`` (the paper) draws a Gaussian per pixel. ``patch`` draws one per patch and upsamples the grid
     bilinearly, each image rescaled to unit variance: smooth blobs the size of a patch, so the first steps
     shape regions rather than sharpen pixel noise into texture the teacher reads as class evidence
-    (full-KD students of the zoo teachers 6-8 points better at equal KD steps; benchmarks/README.md, "Patch noise").
+    (full-KD students of the zoo teachers 6-8 points better at equal KD steps; benchmarks/README.md,
+    "Patch noise").
     """
     if kind == "pixel":
         return torch.randn(batch, channels, *grid.image_size, generator=generator)
