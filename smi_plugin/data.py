@@ -259,7 +259,11 @@ def load_eval_data(path: str | os.PathLike, image_size: int | tuple[int, int], c
         raise EvalDataError(f"{root} has {len(class_names)} classes but the model has {num_classes} outputs; "
                             "evaluate a model with as many classes, or keep only the first "
                             f"{num_classes} class folders")
-    pixels = torch.stack([_to_tensor(image, size, channels) for image in images])
+    # Decoded one at a time into the uint8 result at the teacher's size: the source images (memory-mapped
+    # Arrow rows, or files) are never all held decoded.
+    pixels = torch.empty(len(labels), channels, *size, dtype=torch.uint8)
+    for row, image in enumerate(images):
+        pixels[row] = _to_tensor(image, size, channels)
     return ImageSplit(str(root), "test", pixels, torch.tensor(labels, dtype=torch.long), tuple(class_names))
 
 
@@ -277,32 +281,36 @@ def _to_tensor(image, size: tuple[int, int], channels: int) -> torch.Tensor:
     return array
 
 
-def _read_image_folder(root: Path):
+def _read_image_folder(root: Path) -> tuple[Iterator, list[int], list[str]]:
+    """torchvision's ``DatasetFolder`` over ``root``: class folders in sorted order (hidden ones skipped),
+    images found recursively in each; the images are opened lazily, as the result iterates."""
     from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import DatasetFolder
 
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise EvalDataError(f"{root} has no class sub-folders; lay images out as {root}/CLASS_NAME/IMAGE.png "
-                            "(one sub-folder per class), or pass a datasets.save_to_disk directory")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).rglob("*")):
-            if file.suffix.lower() not in IMAGE_EXTENSIONS or not file.is_file():
-                continue
-            try:
-                with Image.open(file) as image:
-                    image.load()
-                    images.append(image.copy())
-            except (UnidentifiedImageError, OSError) as err:
-                raise EvalDataError(f"{file} is not a readable image ({err}); remove or replace it") from err
-            labels.append(label)
-    if not images:
-        raise EvalDataError(f"{root} has class folders {classes[:5]} but no images in them "
+    class ClassFolders(DatasetFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(p.name for p in Path(directory).iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not classes:
+                raise EvalDataError(f"{root} has no class sub-folders; lay images out as {root}/CLASS_NAME/IMAGE.png "
+                                    "(one sub-folder per class), or pass a datasets.save_to_disk directory")
+            return classes, {name: index for index, name in enumerate(classes)}
+
+    def load(file: str):
+        try:
+            with Image.open(file) as image:
+                image.load()
+                return image.copy()
+        except (UnidentifiedImageError, OSError) as err:
+            raise EvalDataError(f"{file} is not a readable image ({err}); remove or replace it") from err
+
+    folder = ClassFolders(str(root), loader=load, extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    if not folder.samples:
+        raise EvalDataError(f"{root} has class folders {folder.classes[:5]} but no images in them "
                             f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return images, labels, classes
+    return (folder[index][0] for index in range(len(folder))), list(folder.targets), list(folder.classes)
 
 
-def _read_saved_dataset(root: Path):
+def _read_saved_dataset(root: Path) -> tuple[Iterator, list[int], list[str]]:
     import datasets
 
     try:
@@ -331,6 +339,7 @@ def _read_saved_dataset(root: Path):
         names = [str(i) for i in range(max(labels) + 1)]
     if min(labels) < 0:
         raise EvalDataError(f"{root} has negative labels; every row needs a class index")
-    images = loaded.cast_column("image", datasets.Image())["image"] if not isinstance(
-        loaded.features["image"], datasets.Image) else loaded["image"]
-    return list(images), labels, names
+    if not isinstance(loaded.features["image"], datasets.Image):
+        loaded = loaded.cast_column("image", datasets.Image())
+    # Row by row from the memory-mapped table: each image is decoded when the caller reaches it.
+    return (row["image"] for row in loaded.select_columns(["image"])), labels, names

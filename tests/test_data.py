@@ -135,6 +135,12 @@ def test_eval_data_errors_say_what_to_do(tmp_path):
     _image_folder(tmp_path / "many", ["a", "b", "c"])
     with pytest.raises(EvalDataError, match="3 classes but the model has 2 outputs"):
         load_eval_data(tmp_path / "many", 32, num_classes=2)
+    (tmp_path / "many" / "b" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(EvalDataError, match="broken.png is not a readable image"):
+        load_eval_data(tmp_path / "many", 32)
+    (tmp_path / "many" / ".cache").mkdir()  # hidden folders are not classes
+    (tmp_path / "many" / "b" / "broken.png").unlink()
+    assert load_eval_data(tmp_path / "many", 32).class_names == ("a", "b", "c")
 
 
 def test_first_keeps_the_leading_images_in_order():
