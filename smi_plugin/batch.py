@@ -8,6 +8,7 @@ on-disk form is a Hugging Face dataset (``smi_plugin.export``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -74,6 +75,22 @@ class InvertedBatch:
                              labels=self.labels[index.to(self.labels.device)], kept_indices=kept_indices_for(mask),
                              mean=self.mean,
                              std=self.std, provenance=self.provenance, history=self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The batch as plain tensors, numbers, strings, lists and dicts, which ``torch.load(weights_only=True)``
+        reads back (``from_state_dict``); stage snapshots are left out (they are for pictures)."""
+        return {"images": self.images, "patch_mask": self.patch_mask, "labels": self.labels,
+                "kept_indices": self.kept_indices, "mean": list(self.mean), "std": list(self.std),
+                # JSON values only (provenance holds e.g. torch's version, a str subclass the safe loader refuses)
+                "provenance": json.loads(json.dumps(self.provenance, default=str)),
+                "history": json.loads(json.dumps(self.history, default=str))}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "InvertedBatch":
+        """The batch ``state_dict()`` wrote."""
+        return cls(images=state["images"], patch_mask=state["patch_mask"], labels=state["labels"],
+                   kept_indices=state["kept_indices"], mean=tuple(state["mean"]), std=tuple(state["std"]),
+                   provenance=state["provenance"], history=state["history"])
 
     @staticmethod
     def concatenate(batches: Sequence["InvertedBatch"]) -> "InvertedBatch":

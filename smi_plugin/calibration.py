@@ -19,6 +19,7 @@ from .config import InversionConfig
 from .export import load_inverted
 from .images import model_normalization
 from .inverter import SparseInverter
+from .recipes import get_recipe
 from .tokens import mask_to_indices, patch_grid
 
 MODES = ("sparse", "dense")
@@ -120,7 +121,9 @@ class SparseInvertedCalibrationDataset(Dataset):
     def from_inverter(cls, model: torch.nn.Module, num_images: int, config: InversionConfig | None = None,
                       labels: Sequence[int] | None = None, seed: int | None = None, mode: str = "sparse",
                       progress: bool = True) -> "SparseInvertedCalibrationDataset":
-        """Invert ``num_images`` images (labels balanced over classes unless given) and wrap them."""
+        """Invert ``num_images`` images (labels balanced over classes unless given) and wrap them; ``config``
+        defaults to the ``"calibration"`` recipe (``smi quantize``'s)."""
+        config = config or get_recipe("calibration").inversion_config(model)
         inverter = SparseInverter(model, config, progress=progress)
         if labels is None:
             labels = balanced_labels(num_images, inverter.num_classes)

@@ -138,6 +138,15 @@ class InversionState:
         with torch.no_grad():
             self.canvas.scatter_(1, self.kept.unsqueeze(-1).expand_as(self.param), self.param)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain tensors, numbers and dicts (``torch.load(weights_only=True)`` reads it back);
+        what the inverter derives from it (position tokens, the priors' plan) is not kept:
+        ``SparseInverter.load_state`` rebuilds it."""
+        return {"labels": self.labels, "generator": self.generator.get_state(), "canvas": self.canvas,
+                "kept": self.kept, "param": self.param.detach(), "optimizer": self.optimizer.state_dict(),
+                "emitted": [[iteration, canvas, positions] for iteration, canvas, positions in self.emitted],
+                "scores": self.scores, "targets": self.targets}
+
 
 class SparseInverter:
     """Invert images from a frozen timm ViT, stopping uninformative patches on a schedule.
@@ -218,14 +227,21 @@ class SparseInverter:
     def num_classes(self) -> int:
         return int(self.model.num_classes)
 
+    def pixels(self, patches: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` in ``[0, 1]`` of patches ``(B, N, Cp*p*p)`` in the optimised space (a
+        state's ``canvas`` or ``current_patches()``)."""
+        return self.channels.to_pixels(patches, self.grid)
+
     def invert(self, labels: Sequence[int] | torch.Tensor, seed: int | None = None,
-               snapshots: bool = False) -> InvertedBatch:
+               snapshots: bool = False, competitor: nn.Module | None = None) -> InvertedBatch:
         """Invert one image per label (``selection="rebirth"``: several sparse samples per label).
 
         Args:
             labels: target classes; lists longer than ``config.batch_size`` are inverted in chunks.
             seed: overrides ``config.seed``; chunk ``j`` uses ``derive_seed(seed, j)``.
             snapshots: keep the images and masks at every stage (for pictures of the process).
+            competitor: a student for ``config.competition_weight`` in this call (default: the one
+                given at construction).
 
         With Patch Rebirth each emitted sample is a row; ``provenance["trajectory"]`` gives each
         row's index into ``labels`` and ``provenance["emitted_at"]`` the iteration it finished.
@@ -236,7 +252,7 @@ class SparseInverter:
         bar = progress_bar(len(chunks) * self.config.iterations, enabled=self.progress, desc="inverting",
                            unit="it", leave=False)
         try:
-            parts = [self._invert_batch(chunk, derive_seed(seed, j), snapshots, bar)
+            parts = [self._invert_batch(chunk, derive_seed(seed, j), snapshots, bar, competitor)
                      for j, chunk in enumerate(chunks)]
         finally:
             if bar is not None:
@@ -278,6 +294,24 @@ class SparseInverter:
                               optimizer=self._optimizer(param),
                               positions=position_tokens(self.model, grid, self.dtype),
                               priors=self._plan_priors(canvas, kept), targets=targets)
+
+    def load_state(self, saved: dict[str, Any]) -> InversionState:
+        """The ``InversionState`` whose ``state_dict()`` is ``saved``, on this inverter's device: its Adam
+        state restored, position tokens and the priors' plan derived again, so the run goes on exactly."""
+        device = self.device
+        tensors = {name: None if saved[name] is None else saved[name].to(device)
+                   for name in ("labels", "canvas", "kept", "param", "scores", "targets")}
+        generator = torch.Generator()
+        generator.set_state(saved["generator"])
+        param = tensors["param"].clone().requires_grad_(True)
+        optimizer = self._optimizer(param)
+        optimizer.load_state_dict(saved["optimizer"])
+        return InversionState(labels=tensors["labels"], generator=generator, canvas=tensors["canvas"],
+                              kept=tensors["kept"], param=param, optimizer=optimizer,
+                              positions=position_tokens(self.model, self.grid, self.dtype),
+                              priors=self._plan_priors(tensors["canvas"], tensors["kept"]),
+                              emitted=[(int(i), c.to(device), p.to(device)) for i, c, p in saved["emitted"]],
+                              scores=tensors["scores"], targets=tensors["targets"])
 
     def _plan_priors(self, canvas: torch.Tensor, kept: torch.Tensor) -> RetainedPixelPriors | None:
         if not self.method.needs_images():
@@ -375,39 +409,69 @@ class SparseInverter:
         return logits.to(self.dtype)
 
     @contextmanager
-    def session(self) -> Iterator[None]:
-        """The context ``step`` runs in: teacher (and competitor) frozen, the base method's hooks on."""
-        with ExitStack() as stack:
-            stack.enter_context(frozen(self.model))
-            stack.enter_context(frozen(self.competitor or nn.Identity()))
-            stack.enter_context(self.method.hooks(self.model))
-            yield
+    def session(self, competitor: nn.Module | None = None) -> Iterator[None]:
+        """The context ``step`` runs in: teacher (and competitor) frozen, the base method's hooks on.
+        ``competitor`` replaces the constructor's for the session (a student that changes as it learns)."""
+        previous = self.competitor
+        self.competitor = competitor or previous
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(frozen(self.model))
+                stack.enter_context(frozen(self.competitor or nn.Identity()))
+                stack.enter_context(self.method.hooks(self.model))
+                yield
+        finally:
+            self.competitor = previous
 
-    def _invert_batch(self, labels: torch.Tensor, seed: int, snapshots: bool, bar) -> InvertedBatch:
+    def advance(self, state: InversionState, start: int, steps: int, *,
+                before_stop: Callable[[int, InversionState], None] | None = None,
+                after_step: Callable[[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None] | None = None
+                ) -> None:
+        """Iterations ``start .. start + steps - 1`` of a run: the loop of ``invert`` and of every caller
+        that inverts in pieces (the online distillation pool). Call it within ``session()``.
+
+        At an iteration where a stage is planned the stage stops its patches first (``before_stop`` sees
+        the state just before); the step before a stage records the attention scores the policy reads.
+        Iterations past ``config.iterations`` repeat the last one's learning rate (a sample kept under
+        inversion). ``after_step`` gets ``(iteration, loss, logits, loss parts)`` after each step.
+        """
+        stages = {stage.iteration: stage for stage in self.stages}
+        last = self.config.iterations - 1
+        for iteration in range(start, start + steps):
+            stage = stages.get(iteration)
+            if stage is not None:
+                if before_stop is not None:
+                    before_stop(iteration, state)
+                self.stop(state, stage)
+            # Attention is scored only on the forward right before a stage, for policies that read it.
+            scoring = (iteration + 1) in stages and self.policy.needs_scores
+            loss, logits, parts = self.step(state, min(iteration, last), scoring=scoring)
+            if after_step is not None:
+                after_step(iteration, loss, logits, parts)
+
+    def _invert_batch(self, labels: torch.Tensor, seed: int, snapshots: bool, bar,
+                      competitor: nn.Module | None) -> InvertedBatch:
         cfg = self.config
         started = time.perf_counter()
         state = self.start(labels, seed)
-        stages = {stage.iteration: stage for stage in self.stages}
         history: list[dict[str, Any]] = []
         shots: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        with self.session():
-            for iteration in range(cfg.iterations):
-                stage = stages.get(iteration)
-                if stage is not None:
-                    if snapshots:
-                        shots.append(self._snapshot(iteration, state))
-                    self.stop(state, stage)
-                # Attention is scored only on the forward right before a stage, for policies that read it.
-                scoring = (iteration + 1) in stages and self.policy.needs_scores
-                loss, logits, parts = self.step(state, iteration, scoring=scoring)
-                if bar is not None:
-                    bar.update(1)
-                if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
-                    history.append(self._log(iteration, state, loss, logits, parts, bar))
+
+        def record(iteration: int, loss: torch.Tensor, logits: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+            if bar is not None:
+                bar.update(1)
+            if iteration % cfg.log_every == 0 or iteration == cfg.iterations - 1:
+                history.append(self._log(iteration, state, loss, logits, parts, bar))
+
+        def snapshot(iteration: int, state: InversionState) -> None:
+            shots.append(self._snapshot(iteration, state))
+
+        with self.session(competitor):
+            self.advance(state, 0, cfg.iterations, before_stop=snapshot if snapshots else None, after_step=record)
         state.commit()
         if snapshots:
             shots.append(self._snapshot(cfg.iterations, state))
-        final = {name: history[-1][name] for name in (*parts, "target_accuracy")}
+        final = {name: value for name, value in history[-1].items() if name not in ("iteration", "loss", "kept")}
         return self._finish(state, seed, final, history, shots, time.perf_counter() - started)
 
     def _log(self, iteration: int, state: InversionState, loss: torch.Tensor, logits: torch.Tensor,
@@ -439,14 +503,14 @@ class SparseInverter:
         kept = [positions for _, _, positions in samples]
         same = len({k.shape[1] for k in kept}) == 1
         return InvertedBatch(
-            images=torch.cat([self.channels.to_pixels(canvas, self.grid) for _, canvas, _ in samples]),
+            images=torch.cat([self.pixels(canvas) for _, canvas, _ in samples]),
             patch_mask=torch.cat([indices_to_mask(k, self.grid) for k in kept]),
             labels=state.labels.repeat(len(samples)),
             kept_indices=torch.cat(kept) if same else torch.zeros(rows * len(samples), 0, dtype=torch.long),
             mean=tuple(self.mean), std=tuple(self.std), provenance=provenance, history=history, snapshots=shots)
 
     def _snapshot(self, iteration: int, state: InversionState) -> tuple[int, torch.Tensor, torch.Tensor]:
-        return (iteration, self.channels.to_pixels(state.current_patches(), self.grid).cpu(),
+        return (iteration, self.pixels(state.current_patches()).cpu(),
                 indices_to_mask(state.kept, self.grid).cpu())
 
 

@@ -1,19 +1,17 @@
 """A pool of images that keep being inverted while a student learns from them (online KD).
 
 The pool is ``ceil(size / B)`` slots of ``B = min(config.batch_size, size)`` images, each an inverter state
-(noise at first). ``advance(slot, k)`` takes ``k`` more inversion steps on one slot, stopping
-patches on the config's schedule by the slot's own iteration count (its "age"). With ``renew``, a
-slot that has run the config's ``iterations`` is finished: its images join a replay memory of the
-last ``size`` finished samples and the slot starts again from fresh noise (or, with ``warm_start``,
-from mixes of two remembered samples), so the student keeps seeing new samples (fresh samples beat
-polishing a fixed few, Fast-DFKD). ``batch()`` is the memory plus the current slots as an
-``InvertedBatch``, the library's one data type, so sampling and the trainer treat it like any fixed
-pool. The pool is plain state: pickled with the student's checkpoint, it resumes exactly.
+(noise at first). ``advance(slot, k)`` takes ``k`` more iterations of the inverter's own loop
+(``SparseInverter.advance``) on one slot, stopping patches on the config's schedule by the slot's own
+iteration count (its "age"). With ``renew``, a slot that has run the config's ``iterations`` is finished: its
+images join a replay memory of the last ``size`` finished samples and the slot starts again from fresh noise
+(or, with ``warm_start``, from mixes of two remembered samples), so the student keeps seeing new samples
+(fresh samples beat polishing a fixed few, Fast-DFKD). ``batch()`` is the memory plus the current slots as an
+``InvertedBatch``, the library's one data type, so sampling and the trainer treat it like any fixed pool.
+``state_dict()`` is plain tensors and numbers (no pickled objects): a checkpointed pool resumes exactly.
 
-Inverter API used: ``start(labels, seed, images)``, ``step(state, iteration, scoring=)`` (a scoring step
-records the attention in the state), ``stop(state, stage)``, ``stages``, ``policy.needs_scores``,
-``session()`` (teacher frozen, hooks on), ``channels.to_pixels``, ``num_classes``, ``grid``,
-``mean``/``std``, ``device``, ``competitor``.
+Inverter API used (all public): ``start``, ``advance``, ``session``, ``load_state``, ``pixels``, ``grid``,
+``num_classes``, ``mean``/``std``, ``device``, ``config``.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .batch import InvertedBatch, balanced_labels, kept_indices_for
 from .inverter import InversionState, SparseInverter, derive_seed
@@ -120,14 +119,14 @@ class OnlinePool:
 
     def _release_emitted(self, slot: _Slot) -> None:
         """Patch Rebirth's detached samples are finished when emitted: they go to the memory at once."""
-        grid, to_pixels = self.inverter.grid, self.inverter.channels.to_pixels
         for _, canvas, positions in slot.state.emitted:
-            self._remember(self._rows(to_pixels(canvas, grid).detach(), indices_to_mask(positions, grid),
+            self._remember(self._rows(self.inverter.pixels(canvas).detach(), indices_to_mask(positions, self.inverter.grid),
                                       slot.state.labels, {"source": "online"}))
         slot.state.emitted.clear()
 
-    def advance(self, index: int, steps: int) -> InvertedBatch:
-        """``steps`` more inversion iterations on slot ``index``; returns its images now."""
+    def advance(self, index: int, steps: int, competitor: nn.Module | None = None) -> InvertedBatch:
+        """``steps`` more inversion iterations on slot ``index`` (competing with ``competitor`` when the
+        config has a competition weight); returns its images now."""
         inverter = self.inverter
         if self.renew and index in self.slots and self.slots[index].age >= inverter.config.iterations:
             self._retire(index)
@@ -135,20 +134,16 @@ class OnlinePool:
         self.slots[index] = slot
         if self.renew:  # a slot runs exactly the config's iterations before it is renewed
             steps = min(steps, inverter.config.iterations - slot.age)
-        stages = {stage.iteration: stage for stage in inverter.stages}
-        last = inverter.config.iterations - 1
-        with inverter.session():
-            for age in range(slot.age, slot.age + steps):
-                stage = stages.get(age)
-                if stage is not None:
-                    inverter.stop(slot.state, stage)
-                scoring = (age + 1) in stages and inverter.policy.needs_scores
-                inverter.step(slot.state, min(age, last), scoring=scoring)
+        with inverter.session(competitor):
+            inverter.advance(slot.state, slot.age, steps)
         slot.age += steps
         self._release_emitted(slot)
-        slot.images = inverter.channels.to_pixels(slot.state.current_patches(), inverter.grid).detach()
-        slot.mask = indices_to_mask(slot.state.kept, inverter.grid)
+        self._refresh(slot)
         return self._batch([slot])
+
+    def _refresh(self, slot: _Slot) -> None:
+        slot.images = self.inverter.pixels(slot.state.current_patches()).detach()
+        slot.mask = indices_to_mask(slot.state.kept, self.inverter.grid)
 
     def sample(self, count: int, generator: torch.Generator) -> InvertedBatch:
         """``count`` rows drawn uniformly (with replacement) from ``batch()``, gathering only those rows."""
@@ -177,13 +172,23 @@ class OnlinePool:
                              mean=tuple(self.inverter.mean), std=tuple(self.inverter.std), provenance=provenance)
 
     def state_dict(self) -> dict:
-        """Picklable state (inverter states with their Adam moments and generators)."""
+        """The pool as plain tensors, numbers and dicts (each slot's inversion state with its Adam moments
+        and generator state), for ``torch.save`` and ``torch.load(weights_only=True)``."""
         return {"size": self.size, "seed": self.seed, "renew": self.renew, "warm_start": self.warm_start,
-                "slots": self.slots, "memory": self.memory, "finished": self.finished, "renewals": self.renewals}
+                "slots": {str(index): {"state": slot.state.state_dict(), "age": slot.age}
+                          for index, slot in self.slots.items()},
+                "memory": None if self.memory is None else self.memory.state_dict(), "finished": self.finished,
+                "renewals": {str(index): count for index, count in self.renewals.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = (state["size"], state["seed"], state.get("renew", False), state.get("warm_start", False))
+        saved = (state["size"], state["seed"], state["renew"], state["warm_start"])
         if saved != (self.size, self.seed, self.renew, self.warm_start):
             raise ValueError("the checkpointed online pool has another size, seed, renewal or warm-start setting")
-        self.slots, self.memory = state["slots"], state.get("memory")
-        self.finished, self.renewals = state.get("finished", 0), state.get("renewals", {})
+        self.slots = {}
+        for index, saved_slot in state["slots"].items():
+            slot = _Slot(self.inverter.load_state(saved_slot["state"]), age=saved_slot["age"])
+            self._refresh(slot)
+            self.slots[int(index)] = slot
+        self.memory = None if state["memory"] is None else InvertedBatch.from_state_dict(state["memory"])
+        self.finished = state["finished"]
+        self.renewals = {int(index): count for index, count in state["renewals"].items()}

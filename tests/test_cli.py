@@ -81,12 +81,12 @@ def test_a_students_own_shape_and_a_saved_student_go_through_distill(tmp_path, c
 
 
 def test_distill_inverts_with_its_modes_recipe_unless_a_flag_says_otherwise(tmp_path, capsys):
-    """A linear probe with its solved head runs the paper's loop in rounds (PROBE_ROUNDS) and inverts each sample
-    longer, keeping more of it (PROBE_INVERSION on top of ONLINE_INVERSION, after the mode is resolved); full KD
-    and a gradient-trained head learn from the online pool; explicit flags beat either."""
+    """``--mode`` names a library recipe (resolved against the teacher when auto): a linear probe with its solved
+    head runs the paper's loop in rounds and inverts each sample longer, keeping more of it; full KD learns from
+    the online pool; explicit flags beat either."""
     import json
 
-    from smi_plugin.cli.distill import ONLINE_INVERSION, PROBE_INVERSION, PROBE_ROUNDS
+    from smi_plugin.recipes import RECIPES
 
     def recipe(teacher: str, *flags: str) -> tuple[str, str, int, str]:
         out = tmp_path / "kd.json"
@@ -96,15 +96,15 @@ def test_distill_inverts_with_its_modes_recipe_unless_a_flag_says_otherwise(tmp_
         report = json.loads(out.read_text())
         return report["mode"], report["source"], report["inversion"]["iterations"], report["inversion"]["schedule"]
 
-    probe, full = PROBE_INVERSION["iterations"], ONLINE_INVERSION["iterations"]
-    assert probe != full and PROBE_ROUNDS["source"] == "alternating"
+    probe, full = RECIPES["linear-probe"].inversion["iterations"], RECIPES["full"].inversion["iterations"]
+    assert probe != full and RECIPES["linear-probe"].distillation["source"] == "alternating"
     # --mode auto picks the probe here; the paper's first stage, scaled to its iterations, keeps 70%.
     assert recipe("fashion-mnist-vit-ft") == ("linear-probe", "alternating", probe,
                                               str(StoppingSchedule.paper_scaled(probe, 1)))
     assert recipe("digits-vit") == ("full", "online", full, str(StoppingSchedule.paper_scaled(full)))
     assert recipe("fashion-mnist-vit-ft", "--iterations", "12") == ("linear-probe", "alternating", 12,
                                                                      str(StoppingSchedule.paper_scaled(12, 1)))
-    assert recipe("fashion-mnist-vit-ft", "--schedule", "dense", "--probe-head", "gradient") == (
+    assert recipe("fashion-mnist-vit-ft", "--schedule", "dense", "--probe-head", "gradient", "--source", "online") == (
         "linear-probe", "online", probe, "dense")
 
 

@@ -126,7 +126,7 @@ def test_least_squares_head_absorbs_each_finished_online_sample_once(digits):
     trainer = KDTrainer(teacher, linear_probe_student(teacher, 10), config, None, mean, std,
                         inverter=_online(teacher), progress=False)
     trainer.fit()
-    assert trainer.online.finished == 16 and trainer.head_solver.gram[-1, -1] == 2 * 16  # unfinished ones: not yet
+    assert trainer.source.pool.finished == 16 and trainer.head_solver.gram[-1, -1] == 2 * 16  # unfinished ones: not yet
 
 
 @pytest.mark.slow
@@ -191,15 +191,15 @@ def _online(teacher, pool_size=16):
 def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(digits, tmp_path, monkeypatch,
                                                                                    warm_start):
     teacher, _, mean, std, _ = digits
-    config = DistillConfig.for_mode("full", source="online", steps=10, pool_size=16, batch_size=4, inversion_steps=2,
-                                    mixup=0.5, checkpoint_every=3, eval_every=100, warm_start=warm_start)
+    config = DistillConfig.from_recipe("full", steps=10, pool_size=16, batch_size=4, inversion_steps=2,
+                                      mixup=0.5, checkpoint_every=3, eval_every=100, warm_start=warm_start)
     reference = tiny_student()
     uninterrupted = KDTrainer(teacher, reference, config, None, mean, std, inverter=_online(teacher), progress=False)
     uninterrupted.fit()
     # Two slots of 8, 2 iterations per visit, 5 visits each: a stop at age 2 (64 -> 32 patches); at the
     # 4th visit each slot has run its 6 iterations, so its images go to the memory and it restarts (from
     # noise, or warm from mixes of remembered samples).
-    online = uninterrupted.online
+    online = uninterrupted.source.pool
     assert [slot.age for slot in online.slots.values()] == [4, 4] and online.finished == 16
     assert uninterrupted.images_seen == 32 and len(online.batch()) == 32
     assert online.batch().patch_mask.flatten(1).sum(1).unique().tolist() == [32]
@@ -210,13 +210,15 @@ def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_o
     _interrupt_at(trainer, monkeypatch, 10)  # the last checkpoint (step 9) comes after both renewals
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["online"]["memory"] is not None  # pool is state
+    meta = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
+    source = torch.load(tmp_path / "checkpoint" / f"source-rank0-step{meta['step']}.pt", weights_only=True)
+    assert source["memory"] is not None and not (tmp_path / "checkpoint.pt").exists()  # the pool is plain state
     resumed_student = tiny_student()
     resumed = KDTrainer(teacher, resumed_student, config, None, mean, std, out_dir=tmp_path,
                         inverter=_online(teacher), progress=False)
     history = resumed.fit()
     assert [step for step, _ in history["kd_loss"]] == list(range(1, 11))
-    assert torch.equal(resumed.online.batch().images, uninterrupted.online.batch().images)
+    assert torch.equal(resumed.source.pool.batch().images, uninterrupted.source.pool.batch().images)
     for a, b in zip(reference.state_dict().values(), resumed_student.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     other = SparseInverter(teacher, _online(teacher).config.replace(lr=0.2), progress=False)
@@ -231,25 +233,24 @@ def test_online_pool_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_o
 
 def test_a_fixed_online_pool_keeps_inverting_the_same_samples(digits):
     teacher, _, mean, std, _ = digits
-    config = DistillConfig.for_mode("full", source="online", steps=10, pool_size=16, batch_size=4, renew=False)
+    config = DistillConfig.from_recipe("full", steps=10, pool_size=16, batch_size=4, renew=False)
     trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, inverter=_online(teacher), progress=False)
     trainer.fit()
-    assert [slot.age for slot in trainer.online.slots.values()] == [10, 10] and trainer.images_seen == 16
+    assert [slot.age for slot in trainer.source.pool.slots.values()] == [10, 10] and trainer.images_seen == 16
 
 
 def test_without_replay_each_kd_batch_is_the_freshly_inverted_slot(digits, monkeypatch):
     teacher, _, mean, std, _ = digits
-    config = DistillConfig.for_mode("full", source="online", steps=3, pool_size=16, batch_size=0, mixup=0.0,
-                                    flip=False)
+    config = DistillConfig.from_recipe("full", steps=3, pool_size=16, batch_size=0, mixup=0.0, flip=False)
     trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, inverter=_online(teacher), progress=False)
     seen = []
     original = trainer.train_step
     monkeypatch.setattr(trainer, "train_step", lambda x, m: seen.append((x, m)) or original(x, m))
     trainer.fit()
     for step, (x, m) in enumerate(seen):
-        slot = trainer.online.slots[step % 2]  # slots 0, 1, 0: slot 0's images changed after step 0
+        slot = trainer.source.pool.slots[step % 2]  # slots 0, 1, 0: slot 0's images changed after step 0
         if step > 0:
-            assert torch.equal(x, trainer.online._batch([slot]).normalized()) and torch.equal(m, slot.mask)
+            assert torch.equal(x, trainer.source.pool._batch([slot]).normalized()) and torch.equal(m, slot.mask)
     assert [len(x) for x, _ in seen] == [8, 8, 8]
     with pytest.raises(ValueError, match="batch_size"):
         DistillConfig(batch_size=0)  # a fixed pool has nothing but replay
@@ -307,12 +308,13 @@ def test_rebirth_samples_join_the_online_memory_as_they_are_emitted(digits):
 
 
 def test_a_minutes_budget_ends_training_drives_the_schedule_and_resumes(digits, monkeypatch, tmp_path):
-    from smi_plugin import distill
+    from smi_plugin.distill import trainer as trainer_module
 
     teacher, _, mean, std, pool = digits
     clock = iter(float(t) for t in range(0, 1000, 15))  # every reading advances a fake clock by 15 s
-    monkeypatch.setattr(distill, "monotonic", lambda: next(clock))
-    config = DistillConfig.for_mode("full", minutes=1.0, steps=1000, eval_every=1000, checkpoint_every=2)
+    monkeypatch.setattr(trainer_module, "monotonic", lambda: next(clock))
+    config = DistillConfig.from_recipe("full", source="pool", minutes=1.0, steps=1000, eval_every=1000,
+                                       checkpoint_every=2)
     trainer = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, progress=False)
     lrs, train_step = [], trainer.train_step
 
@@ -327,7 +329,7 @@ def test_a_minutes_budget_ends_training_drives_the_schedule_and_resumes(digits, 
         trainer.fit([pool])
     # steps 1-3 ran at 0, 15 and 30 s of the 60 s budget; the 4th was interrupted
     assert lrs == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * t / 60)) for t in (0, 15, 30)])
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = json.loads((tmp_path / "checkpoint" / "trainer.json").read_text())
     assert (state["step"], state["elapsed"]) == (2, 30.0)  # 15 s a step: the clock is checkpointed
     resumed = KDTrainer(teacher, tiny_student(), config, None, mean, std, out_dir=tmp_path, progress=False)
     resumed.fit([pool])
@@ -361,7 +363,10 @@ def test_bad_distill_config_and_setup():
         KDTrainer(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), DistillConfig(source="online", mode="full"), None,
                   (0.5,), (0.5,), progress=False)
     assert DistillConfig.from_dict(DistillConfig(mixup=0.5).to_dict()) == DistillConfig(mixup=0.5)
-    assert DistillConfig.for_mode("full").optimizer == "adamw" and DistillConfig.for_mode("full", lr=1.0).lr == 1.0
+    assert DistillConfig.from_recipe("full").optimizer == "adamw" and DistillConfig.from_recipe("full", lr=1.0).lr == 1.0
+    assert DistillConfig.from_recipe("full", steps=5).minutes is None  # a length given replaces the budget
+    with pytest.raises(ValueError, match="does not distil"):
+        DistillConfig.from_recipe("calibration")
 
 
 def test_cli_flags_are_generated_from_the_config_with_its_defaults():
@@ -370,15 +375,16 @@ def test_cli_flags_are_generated_from_the_config_with_its_defaults():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["distill", "--teacher", "digits-vit", "--mode", "full"])
-    # The command's defaults: the recipe of the mode and the online source, for a 10-minute budget.
-    assert distill_config(args, seed=0) == DistillConfig.for_mode("full", source="online", minutes=10.0)
+    # The command's defaults are the library's recipe, its 10-minute budget included.
+    assert distill_config(args, seed=0) == DistillConfig.from_recipe("full") and DistillConfig.from_recipe(
+        "full").minutes == 10.0
     args = parser.parse_args(["distill", "--mode", "full", "--source", "pool", "--steps", "9"])
-    assert distill_config(args, seed=0) == DistillConfig.for_mode("full", steps=9)  # a length given: no budget
-    args = parser.parse_args(["distill", "--mode", "full", "--steps", "7", "--kd-lr", "0.01", "--source", "online",
-                              "--mixup", "0.5", "--lr", "0.3"])
+    assert distill_config(args, seed=0) == DistillConfig.from_recipe("full", source="pool", steps=9)  # no budget
+    args = parser.parse_args(["distill", "--mode", "full", "--steps", "7", "--kd-lr", "0.01", "--mixup", "0.25",
+                              "--lr", "0.3"])
     config = distill_config(args, seed=4)
-    assert config == DistillConfig.for_mode("full", steps=7, lr=0.01, source="online", mixup=0.5, seed=4)
-    assert (config.batch_size, config.temperature, config.optimizer) == (128, 4.0, "adamw")  # online's recipe
+    assert config == DistillConfig.from_recipe("full", steps=7, lr=0.01, mixup=0.25, seed=4)
+    assert (config.batch_size, config.temperature, config.optimizer) == (128, 4.0, "adamw")  # the recipe's
     assert args.lr == 0.3  # --lr stays the inversion's
 
 
@@ -429,7 +435,7 @@ def test_build_optimizer_trains_only_the_head_in_linear_probe_mode(tiny_vit):
     trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert trained == {id(p) for p in student.get_classifier().parameters()}
     assert isinstance(optimizer, torch.optim.SGD)
-    full = build_optimizer(tiny_student(), DistillConfig.for_mode("full"))
+    full = build_optimizer(tiny_student(), DistillConfig.from_recipe("full"))
     assert isinstance(full, torch.optim.AdamW) and full.param_groups[0]["weight_decay"] == 0.05
     with pytest.raises(ValueError, match="get_classifier"):
         build_optimizer(torch.nn.Linear(2, 2), DistillConfig(mode="linear-probe"))
@@ -446,8 +452,8 @@ def test_pool_is_an_inverted_batch_view(digits):
     trainer = KDTrainer(teacher, linear_probe_student(teacher, 10), DistillConfig(steps=1, eval_every=10), None,
                         mean, std, progress=False)
     trainer.fit([pool.select(range(20)), pool.select(range(20, 40))])
-    assert isinstance(trainer.pool, InvertedBatch) and len(trainer.pool) == trainer.images_seen == 40
-    assert torch.allclose(trainer._pixels, pool.normalized())
+    assert isinstance(trainer.source.pool, InvertedBatch) and len(trainer.source.pool) == trainer.images_seen == 40
+    assert torch.allclose(trainer.source.pixels, pool.normalized())
 
 
 def test_student_is_saved_where_timm_loads_it(tmp_path):
@@ -530,7 +536,7 @@ def test_competition_waits_for_its_share_of_the_budget(tiny_vit):
     trainer.total_steps = 10
     seen = []
     for trainer.step in range(10):
-        seen.append(trainer._competitor() is not None)
+        seen.append(trainer.competitor() is not None)
     assert seen == [False] * 3 + [True] * 7
 
 

@@ -15,8 +15,10 @@ from ..data import (
     load_eval_data,
     load_split,
 )
+from ..recipes import teacher_dataset as recipe_teacher_dataset
+from ..recipes import teacher_inversion_settings
 from ..tokens import UnsupportedModelError, check_vit
-from ..zoo import TeacherError, load_card, load_teacher, zoo_names
+from ..zoo import TeacherError, load_teacher, zoo_names
 from .options import (
     CLIError,
     KeyValueAction,
@@ -97,8 +99,8 @@ def inversion_config(args: argparse.Namespace, teacher=None, **defaults: Any) ->
     one gray channel is optimised, as the data it learned from was gray. A schedule whose stages never
     apply is an error here (the library only warns).
     """
-    if teacher is not None and teacher_dataset(args, teacher) in DATASETS:
-        defaults = {"tie_channels": True, **defaults}
+    if teacher is not None:
+        defaults = {**teacher_inversion_settings(teacher, getattr(args, "dataset", None)), **defaults}
     preset = PRESETS[getattr(args, "preset", "default")]
     file_values = read_config_file(getattr(args, "config", None), InversionConfig)
     config = config_from_args(InversionConfig, args, {**defaults, **preset}, file_values)
@@ -130,10 +132,7 @@ def parse_labels(text: str | None, num_images: int | None, num_classes: int) -> 
 
 def teacher_dataset(args: argparse.Namespace, teacher) -> str | None:
     """The packaged dataset named by ``--dataset``, the teacher's ``pretrained_cfg`` or its zoo card."""
-    name = getattr(args, "dataset", None) or teacher.pretrained_cfg.get("dataset")
-    if name is None and teacher.pretrained_cfg.get("zoo_name"):
-        name = load_card(teacher.pretrained_cfg["zoo_name"])["dataset"]
-    return name
+    return getattr(args, "dataset", None) or recipe_teacher_dataset(teacher)
 
 
 def teacher_splits(args: argparse.Namespace, teacher):
