@@ -28,9 +28,19 @@ from smi_plugin.integrations.deploy import (CARD_FILE, FORMAT, MODEL_FILE, PACKA
                                             save_quantized, write_program)
 from smi_plugin.evaluation import sqnr_db
 from smi_plugin.integrations.torchao import InvertedPTQConfig, quantize_with_inverted_data
+from smi_plugin.integrations.trust import TRUST_STORE_ENV, file_sha256
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow(seconds=4)]  # each, with the fixtures' compiles
 EVAL_IMAGES = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def trust_store(tmp_path_factory):
+    """This module's packages are recorded in a trust store of its own (inherited by the subprocesses)."""
+    with pytest.MonkeyPatch.context() as patch:
+        path = tmp_path_factory.mktemp("trust") / "trusted_packages.json"
+        patch.setenv(TRUST_STORE_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +91,7 @@ def test_the_card_describes_the_model(cli_output):
     assert card["files"][MODEL_FILE] == (cli_output / MODEL_FILE).stat().st_size
     assert card["files"][PACKAGE_FILE] == (cli_output / PACKAGE_FILE).stat().st_size
     assert card["compiled"] == {"file": PACKAGE_FILE, "cpu_target": cpu_target(), "tuned_for_batch": 0,
-                                "latency_up_to_batch": 0}
+                                "latency_up_to_batch": 0, "sha256": file_sha256(cli_output / PACKAGE_FILE)}
     assert sorted(p.name for p in cli_output.iterdir()) == [CARD_FILE, PACKAGE_FILE, MODEL_FILE]  # no temp files
 
 
@@ -117,9 +127,9 @@ def test_a_tuned_bfloat16_matmul_attention_package_runs_every_batch_size_from_a_
     torch.save(real_images[:5], tmp_path / "images.pt")
     script = f"""
 import torch
-from smi_plugin.integrations.deploy import _register_x86_lowering, compile_package
+from smi_plugin.integrations.deploy import register_x86_lowering, compile_package
 from smi_plugin.evaluation import sqnr_db
-_register_x86_lowering()
+register_x86_lowering()
 program = torch.export.load({str(directory / MODEL_FILE)!r})
 package = compile_package(program, unquantized_precision="bfloat16-matmul-attention", tune_for_batch=1)
 for batch in (1, 3, 5):
@@ -151,6 +161,50 @@ def test_a_package_for_another_cpu_is_compiled_here_instead(cli_output, tmp_path
         jit = fallback(real_images)
         for aot in (package(real_images), torch.cat([package(real_images[:1]), package(real_images[1:])])):
             assert (jit.argmax(1) == aot.argmax(1)).float().mean() >= 0.98 and sqnr_db(aot, jit) > 30
+
+
+def test_only_a_package_this_user_built_or_the_caller_trusts_is_run(cli_output, trust_store, tmp_path, caplog,
+                                                                     real_images):
+    """compiled.pt2 is native code: a folder from elsewhere (its hash not in this user's store) compiles
+    model.pt2 here unless the caller vouches for it, and a package changed since it was built never runs."""
+    built = load_quantized(cli_output)
+    assert isinstance(built, CompiledPackage) and built.loaded_from == "compiled.pt2 (built by this user here)"
+    store = trust_store.read_text()
+    moved = tmp_path / "moved"
+    shutil.copytree(cli_output, moved)  # the same bytes elsewhere: still this user's build
+    assert isinstance(load_quantized(moved), CompiledPackage)
+    try:
+        trust_store.unlink()  # another machine, or another user: nothing recorded
+        with caplog.at_level("INFO"):
+            foreign = load_quantized(cli_output)
+        assert isinstance(foreign, FrozenCompiled) and foreign.loaded_from.startswith("model.pt2, compiled here")
+        assert "did not build" in caplog.text and "trust_compiled=True" in caplog.text
+        vouched = load_quantized(cli_output, trust_compiled=True)
+        assert isinstance(vouched, CompiledPackage) and vouched.loaded_from == "compiled.pt2 (trusted by the caller)"
+    finally:
+        trust_store.write_text(store)
+        trust_store.chmod(0o600)
+    with zipfile.ZipFile(moved / PACKAGE_FILE, "a") as package:  # still a valid zip, other bytes
+        package.writestr("extra.txt", "changed")
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        tampered = load_quantized(moved)
+    assert isinstance(tampered, FrozenCompiled) and "did not build" in caplog.text
+    with torch.no_grad():
+        assert (tampered(real_images[:8]).argmax(1) == built(real_images[:8]).argmax(1)).float().mean() >= 0.875
+
+
+def test_a_package_not_built_in_this_process_is_not_recorded_when_saved(in_memory, cli_output, trust_store,
+                                                                        tmp_path):
+    program, _, _ = in_memory
+    store = json.loads(trust_store.read_text())
+    assert trust_store.stat().st_mode & 0o777 == 0o600  # only this user may add to it
+    (entry,) = [e for e in store["packages"].values() if e["saved_to"] == str((cli_output / PACKAGE_FILE).resolve())]
+    copied = CompiledPackage(cli_output / PACKAGE_FILE, cpu_target())  # loaded from a folder, not built here
+    save_quantized(program, tmp_path / "resaved", {"scheme": "w8a8"}, copied)
+    assert json.loads(trust_store.read_text()) == store  # it was already trusted, by its hash; nothing added
+    (tmp_path / "resaved" / PACKAGE_FILE).write_bytes(b"not a package")
+    assert isinstance(load_quantized(tmp_path / "resaved"), FrozenCompiled)
 
 
 def test_a_card_with_a_precision_this_version_does_not_run_is_refused_in_one_line(cli_output, tmp_path):
