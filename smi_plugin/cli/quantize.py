@@ -3,9 +3,10 @@
 ``smi quantize --teacher NAME --out DIR`` inverts calibration images (sparse by default), calibrates
 torchao's pt2e flow on their retained tokens, lowers to int8 kernels, compiles ahead of time, evaluates on
 the teacher's real held-out images and writes ``DIR/model.pt2`` (the portable program),
-``DIR/compiled.pt2`` (its AOTInductor package for this CPU) and ``DIR/card.json`` (load with
-``smi_plugin.load_quantized(DIR)``). ``smi quantize --compare`` prints the older table comparing
-calibration sources.
+``DIR/compiled.pt2`` (its AOTInductor package for this CPU, recorded in this user's trust store) and
+``DIR/card.json`` (load with ``smi_plugin.load_quantized(DIR)``). ``--runtime openvino`` calibrates NNCF
+on the same images instead and writes the int8 OpenVINO IR with the same card. ``smi quantize --compare``
+prints the older table comparing calibration sources.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ import json
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..recipes import RECIPES
 from .common import (add_evaluation_arguments, add_inversion_arguments, add_teacher_arguments, csv, evaluation_split,
                      inversion_config, load_teacher_from_args, teacher_splits)
+from ..integrations.package import RUNTIMES
 from ..integrations.torchao import InvertedPTQConfig
 from .options import CLIError, add_config_arguments, config_from_args
 
 COMPARE_SOURCES = "gaussian,dense,sparse,real"
-# Calibration inversions stop random patches: their ranges cover background tokens as well, which real
-# images have; at W4A4 they calibrated best on the scattered-items teacher (71.6% vs SMI's 65.1%) and
-# within the spread elsewhere (benchmarks/README.md, "Patch-selection policies, head to head").
-CALIBRATION_INVERSION = {"selection": "random"}
+# How calibration inverts: the library's "calibration" recipe, as SparseInvertedCalibrationDataset.from_inverter.
+CALIBRATION_INVERSION = dict(RECIPES["calibration"].inversion)
 PTQ_PREFIXED = ("batch_size",)  # --ptq-batch-size: --batch-size is the inversion's
 
 
@@ -39,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_inversion_arguments(parser, CALIBRATION_INVERSION)
     group = parser.add_argument_group("quantization")
     group.add_argument("--out", default=None, help="output directory for model.pt2, compiled.pt2 and card.json "
-                       "(default: outputs/quantized/TEACHER-SCHEME)")
+                       "(default: outputs/quantized/TEACHER-SCHEME, -openvino added for that runtime)")
+    group.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                       help="torch: torchao int8 program + AOTInductor package (default); openvino: NNCF int8 "
+                            "OpenVINO IR (pip install 'smi-plugin[openvino]'), calibrated on the same whole images")
     group.add_argument("--calibration", default=None,
                        help="calibration source: sparse (inverted with --selection, random stopping unless "
                             "given), dense, gaussian, real, or a dataset directory "
@@ -70,13 +74,15 @@ def run(args: argparse.Namespace) -> None:
     if args.compare:
         return run_compare(args)
     if not args.out:  # a useful default: the model lands where the summary says, never over a user's folder
-        args.out = str(Path("outputs") / "quantized" / f"{Path(args.teacher).name}-{args.scheme}")
+        suffix = "-openvino" if args.runtime == "openvino" else ""
+        args.out = str(Path("outputs") / "quantized" / f"{Path(args.teacher).name}-{args.scheme}{suffix}")
     return run_deploy(args)
 
 
 def run_deploy(args: argparse.Namespace) -> None:
     """Invert, calibrate, quantize, compile, evaluate and save ``--out``."""
     from ..integrations.deploy import check_deployable, check_output_directory, quantize_for_deployment, save_quantized
+    from ..integrations.openvino import check_openvino, quantize_for_openvino, save_openvino
     from ..integrations.torchao_report import calibration_data
 
     source = args.calibration or "sparse"
@@ -84,7 +90,12 @@ def run_deploy(args: argparse.Namespace) -> None:
         raise CLIError(f"--calibration takes one source when saving a model, got {source!r} (lists need --compare)")
     try:
         check_output_directory(args.out)
-        check_deployable(args.scheme, args.backend, args.coverage)
+        if args.runtime == "openvino":
+            check_openvino()
+            if args.scheme != "w8a8":
+                raise ValueError(f"--runtime openvino quantizes w8a8 (NNCF's int8), got --scheme {args.scheme}")
+        else:
+            check_deployable(args.scheme, args.backend, args.coverage)
     except ValueError as err:
         raise CLIError(str(err)) from err
     if args.num_calibration < 1:
@@ -98,30 +109,46 @@ def run_deploy(args: argparse.Namespace) -> None:
                                          progress=True)
         provenance = {"source_option": source, "seed": config.seed, "seconds": seconds,
                       "inversion": config.to_dict() if source in ("sparse", "dense") else None}
-        program, compiled, card = quantize_for_deployment(
-            teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
-            backend=args.backend, test_split=test, calibration=provenance,
-            unquantized_precision=args.unquantized_precision, tune_for_batch=args.tune_for_batch,
-            **args.ptq_options, teacher_name=args.teacher)
-        out = save_quantized(program, args.out, card, compiled)
+        if args.runtime == "openvino":
+            model, _, card = quantize_for_openvino(teacher, data, test_split=test, calibration=provenance,
+                                                   teacher_name=args.teacher)
+            out = save_openvino(model, args.out, card)
+        else:
+            program, compiled, card = quantize_for_deployment(
+                teacher, data, args.scheme, coverage=args.coverage, range_estimator=args.range_estimator,
+                backend=args.backend, test_split=test, calibration=provenance,
+                unquantized_precision=args.unquantized_precision, tune_for_batch=args.tune_for_batch,
+                **args.ptq_options, teacher_name=args.teacher)
+            out = save_quantized(program, args.out, card, compiled)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from err
     print(format_summary(card, out))
 
 
 def format_summary(card: dict, out) -> str:
-    """A few lines: what was saved and how it does on real held-out images."""
+    """A few lines: what was saved, which file was evaluated and how it does on real held-out images."""
+    from ..integrations.trust import is_trusted
+
     def pct(value):
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
     files, compiled = card["files"], card.get("compiled") or {}
-    tuned = f"; GEMMs tuned for batch {compiled['tuned_for_batch']} run batches up to " \
-        f"{compiled['latency_up_to_batch']}" if compiled.get("tuned_for_batch") else ""
-    package = f", {out}/compiled.pt2 ({files['compiled.pt2'] / 1e6:.2f} MB, compiled for this CPU{tuned})" \
-        if "compiled.pt2" in files else ""
-    lines = [f"saved {card['scheme']} int8 model of {card['teacher']} to {out}/model.pt2 "
-             f"({files['model.pt2'] / 1e6:.2f} MB){package} and card.json; unquantized ops in "
-             f"{card['unquantized_precision']}",
+    if card.get("runtime") == "openvino":
+        saved = (f"saved {card['scheme']} OpenVINO int8 model of {card['teacher']} (NNCF, {card['nncf']['preset']} "
+                 f"preset, calibrated on whole images) to " + ", ".join(
+                     f"{out}/{name} ({size / 1e6:.2f} MB)" for name, size in files.items()) +
+                 f" and card.json; unquantized ops in {card['unquantized_precision']}; evaluated with OpenVINO")
+    else:
+        tuned = f"; GEMMs tuned for batch {compiled['tuned_for_batch']} run batches up to " \
+            f"{compiled['latency_up_to_batch']}" if compiled.get("tuned_for_batch") else ""
+        trusted = ", recorded in this user's trust store" if is_trusted(compiled.get("sha256", "")) else ""
+        package = f", {out}/compiled.pt2 ({files['compiled.pt2'] / 1e6:.2f} MB, compiled for this CPU{tuned}" \
+            f"{trusted})" if "compiled.pt2" in files else ""
+        ran = "compiled.pt2" if "compiled.pt2" in files else "model.pt2 compiled just in time"
+        saved = (f"saved {card['scheme']} int8 model of {card['teacher']} to {out}/model.pt2 "
+                 f"({files['model.pt2'] / 1e6:.2f} MB){package} and card.json; unquantized ops in "
+                 f"{card['unquantized_precision']}; evaluated with {ran}")
+    lines = [saved,
              f"calibration: {card['calibration']['images']} {card['calibration']['source']} images "
              f"(kept fraction {card['calibration']['kept_fraction']:.2f})"]
     if card.get("evaluation"):
@@ -129,7 +156,8 @@ def format_summary(card: dict, out) -> str:
                      f"agreement {pct(card['agreement'])}, SQNR {card['sqnr_db']:.1f} dB "
                      f"on {card['evaluation']['images']} images")
         latency = card["latency"]
-        lines.append(f"latency at batch {latency['batch']}: int8 {1000 * latency['seconds_per_batch']:.1f} ms, FP32 "
+        lines.append(f"latency at batch {latency['batch']}: int8 ({card.get('runtime', 'torch')}) "
+                     f"{1000 * latency['seconds_per_batch']:.1f} ms, FP32 "
                      f"compiled {1000 * latency['fp32_compiled_seconds_per_batch']:.1f} ms -> "
                      f"{latency['speedup_vs_fp32_compiled']:.2f}x ({latency['threads']} threads; a quick timing)")
     else:
