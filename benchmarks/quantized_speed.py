@@ -113,6 +113,12 @@ def bench_model(name: str, batches: list[int], args: argparse.Namespace, workdir
         quantize_onnx(files["onnx fp32"], files["onnx int8"], KeptTokenDataReader(data, model))
         variants["ort fp32"] = OrtViT(files["onnx fp32"], model, threads=torch.get_num_threads())
         variants["ort int8"] = OrtViT(files["onnx int8"], model, threads=torch.get_num_threads())
+    if not args.skip_openvino:
+        from smi_plugin.integrations.openvino import OpenVINOModel, convert_fp32, quantize_nncf
+
+        fp32_ir = convert_fp32(model, shape)
+        variants["openvino fp32"] = OpenVINOModel(fp32_ir)
+        variants["openvino int8"] = OpenVINOModel(quantize_nncf(fp32_ir, data))  # the calibration set of the others
     result: dict[str, Any] = {"model": name, "input": list(shape), "quantize_seconds": quantize_seconds,
                               "int8_unquantized_precision": precision, "tune_for_batch": args.tune_for_batch,
                               "latency_up_to_batch": variants["int8 package"].latency_up_to_batch,
@@ -146,21 +152,25 @@ def format_table(results: list[dict[str, Any]]) -> str:
                      f"unquantized ops{tuned}: sizes " + ", ".join(
             f"{k} {v / 1e6:.2f} MB ({100 * v / fp32:.0f}%)" for k, v in sizes.items()))
         variants = list(next(iter(result["latency"].values())))
-        # the last column: our package, as smi quantize saves it, against the faster FP32 compile
-        table = [["batch", *variants, "int8 package vs faster FP32 compiled"]]
+        # the last columns: our package, as smi quantize saves it, against the faster FP32 compile and, measured
+        # in the same run, against OpenVINO's NNCF int8 (above 1.00x: the package is faster)
+        openvino = "openvino int8" in variants
+        table = [["batch", *variants, "int8 package vs faster FP32 compiled"]
+                 + (["int8 package vs openvino int8"] if openvino else [])]
         for batch, rows in result["latency"].items():
             base = rows["fp32 eager"]["median_s"]
             fp32 = min(rows[v]["median_s"] for v in ("fp32 compiled", "fp32 package"))
             ours = rows["int8 package"]["median_s"]
             table.append([batch] + [f"{1000 * rows[v]['median_s']:.2f} ms (x{base / rows[v]['median_s']:.2f})"
-                                    for v in variants] + [f"{fp32 / ours:.2f}x"])
+                                    for v in variants] + [f"{fp32 / ours:.2f}x"]
+                         + ([f"{rows['openvino int8']['median_s'] / ours:.2f}x"] if openvino else []))
         header = table[0]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]
         lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
         batch, rows = list(result["latency"].items())[-1]
         lines.append(f"  vs FP32 at batch {batch} ({result['inputs']} inputs): " + ", ".join(
             f"{v} {rows[v]['sqnr_db_vs_fp32']:.1f} dB SQNR / {100 * rows[v]['agreement_vs_fp32']:.0f}% top-1 agreement"
-            for v in ("bf16 compiled", "int8 package", "ort int8") if v in rows))
+            for v in ("bf16 compiled", "int8 package", "ort int8", "openvino int8") if v in rows))
     lines.append("latency: median per batch (speed-up over FP32 eager); noisy unless the machine is quiet")
     return "\n".join(lines)
 
@@ -176,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--calibration-images", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=100, help="inversion iterations (zoo teachers)")
     parser.add_argument("--skip-ort", action="store_true", help="leave out the ONNX Runtime variants")
+    parser.add_argument("--skip-openvino", action="store_true",
+                        help="leave out the OpenVINO variants (FP32 IR, and NNCF int8 as smi quantize --runtime openvino)")
     parser.add_argument("--unquantized-precision", default="auto", choices=UNQUANTIZED_PRECISIONS,
                         help="the int8 model's unquantized ops (default: %(default)s, as smi quantize)")
     parser.add_argument("--tune-for-batch", type=int, default=InvertedPTQConfig().tune_for_batch,

@@ -47,4 +47,5 @@ print(f"w8a8 int8 top-1 on real held-out images: {card['quantized_accuracy']:.2%
       f"(agreement with FP32 {card['agreement']:.2%}, SQNR {card['sqnr_db']:.1f} dB)")
 save_quantized(program, args.out, card, fast)
 loaded = load_quantized(args.out)
-print(f"saved to {args.out}/model.pt2; reloaded top-1: {evaluate_accuracy(loaded, test, mean, std):.2%}")
+print(f"saved to {args.out}/model.pt2; reloaded ({loaded.loaded_from}) top-1: "
+      f"{evaluate_accuracy(loaded, test, mean, std):.2%}")

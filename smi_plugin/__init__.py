@@ -24,14 +24,15 @@ from .zoo import load_teacher
 __version__ = "0.1.0"
 
 
-def load_quantized(directory, compile: bool = True):
+def load_quantized(directory, compile: bool = True, trust_compiled: bool = False):
     """Load a model saved by ``smi quantize --out DIR``: normalized images -> logits, int8 kernels.
 
-    See ``smi_plugin.integrations.deploy.load_quantized`` (torchao is imported only when called).
+    A ``compiled.pt2`` (native code) runs only where this user built it or with ``trust_compiled=True``.
+    See ``smi_plugin.integrations.package.load_quantized`` (torchao is imported only when called).
     """
     from .integrations.deploy import load_quantized as _load_quantized
 
-    return _load_quantized(directory, compile=compile)
+    return _load_quantized(directory, compile=compile, trust_compiled=trust_compiled)
 
 
 __all__ = [

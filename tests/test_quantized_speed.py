@@ -28,17 +28,18 @@ def test_quantized_speed_reports_latency_and_sizes(tmp_path):
     assert report["cpu_target"] == cpu_target() and f"inductor's target): {cpu_target()}" in result.stdout
     rows = digits["latency"]["4"]
     assert set(rows) == {"fp32 eager", "fp32 compiled", "fp32 package", "bf16 compiled", "int8 compiled",
-                         "int8 package", "ort fp32", "ort int8"}
+                         "int8 package", "ort fp32", "ort int8", "openvino fp32", "openvino int8"}
     assert digits["int8_unquantized_precision"] == InvertedPTQConfig().resolved_unquantized_precision
     assert all(r["median_s"] > 0 for r in rows.values())
-    assert min(rows[v]["sqnr_db_vs_fp32"] for v in ("fp32 compiled", "fp32 package", "ort fp32")) > 60
+    assert min(rows[v]["sqnr_db_vs_fp32"] for v in ("fp32 compiled", "fp32 package", "ort fp32", "openvino fp32")) > 60
     assert 30 < rows["bf16 compiled"]["sqnr_db_vs_fp32"] < 60  # bfloat16 rounding: close, not equal
     # Judged on real held-out digits (within the calibrated ranges): the int8 logits track FP32's.
     assert digits["inputs"] == "real held-out"
-    assert rows["ort int8"]["sqnr_db_vs_fp32"] > 12
+    assert rows["ort int8"]["sqnr_db_vs_fp32"] > 12 and rows["openvino int8"]["sqnr_db_vs_fp32"] > 12
     for ours in ("int8 compiled", "int8 package"):
         assert rows[ours]["sqnr_db_vs_fp32"] > 25 and rows[ours]["agreement_vs_fp32"] >= 0.75
     sizes = digits["sizes_bytes"]
     assert sizes["model.pt2"] < sizes["fp32 state dict"] and sizes["onnx int8"] < sizes["onnx fp32"]
     assert sizes["compiled.pt2"] > 0
+    assert "int8 package vs openvino int8" in result.stdout  # the comparison measured in the same run
     assert "int8 package vs faster FP32 compiled" in result.stdout and "top-1 agreement" in result.stdout
