@@ -49,7 +49,7 @@ def test_timm_loads_a_saved_student_without_smi_plugin(tmp_path, student):
     assert torch.allclose(torch.load(tmp_path / "timm.pt"), ours, atol=1e-6) and torch.allclose(ours, student(x))
     assert loaded.pretrained_cfg["mean"] == (0.3, 0.3, 0.3) and loaded.pretrained_cfg["saved_dir"] == str(tmp_path)
     assert loaded.pretrained_cfg["architecture"] == "vit_tiny_patch16_224"
-    assert loaded.pretrained_cfg["model_kwargs"] == KWARGS
+    assert loaded.pretrained_cfg["model_kwargs"] == {**KWARGS, "num_classes": 10}
     with pytest.raises(ValueError, match="architecture"):
         save_student(student, tmp_path, {"num_classes": 10})
 

@@ -79,8 +79,10 @@ def test_bad_teachers_get_clear_errors(tmp_path):
 
 def test_cards_record_the_recipe():
     for name in zoo_names():
-        card = json.loads(card_path(name).read_text())
+        card = load_card(name)
         assert {"architecture", "recipe", "mean", "std", "heldout_top1"} <= set(card)
+        config = json.loads(card_path(name).read_text())  # a timm Hub folder, the card under smi_plugin
+        assert config["smi_plugin"]["recipe"] == card["recipe"] and config["pretrained_cfg"]["mean"] == card["mean"]
         assert card["recipe"]["seed"] == 0
 
 

@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("train-teacher", help="retrain a zoo teacher from its recipe (CPU)")
     parser.add_argument("name", choices=zoo_names(), help="zoo teacher name")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
-    parser.add_argument("--out-dir", default=None, help="where to write NAME.safetensors and NAME.json "
-                        "(default: the package's zoo folder)")
+    parser.add_argument("--out-dir", default=None, help="where to write the teacher's folder NAME/ (config.json, "
+                        "model.safetensors, README.md: what timm loads; default: the package's zoo folder)")
     parser.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .registry import TeacherError
+from .errors import TeacherError
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

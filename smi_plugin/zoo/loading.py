@@ -1,8 +1,8 @@
 """Creating a teacher from any name: a zoo teacher, a timm model (with a user's checkpoint), or a folder.
 
-Zoo teachers load through timm's own machinery (``timm.create_model(..., pretrained=True,
-pretrained_cfg_overlay=dict(file=...))``), the same path a user takes with hub weights or their own
-checkpoint, so nothing here is special-cased. Every loader leaves the normalization the weights were
+Zoo teachers and saved students load through timm's own machinery
+(``timm.create_model("local-dir:DIR", pretrained=True)``), the same path a timm user takes with a Hub
+folder, so nothing here is special-cased. Every loader leaves the normalization the weights were
 trained with in ``model.pretrained_cfg``, where inversion, calibration and evaluation read it.
 """
 
@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from torch import nn
 
 from .checkpoints import load_matching, match_classifier, read_checkpoint
-from .registry import RECIPES, TeacherError, load_card, weights_path, zoo_names
+from .errors import TeacherError
+from .registry import RECIPES, load_card, teacher_dir, zoo_names
 from .saved import load_saved, saved_form
 from .transformers_vit import load_transformers_vit
 
@@ -60,14 +61,10 @@ def load_teacher(name: str, *, pretrained: bool = False, checkpoint_path: str | 
     if form:
         return set_normalization(load_saved(name), mean, std)
     if name in RECIPES:
-        card = load_card(name)
-        overlay = dict(file=str(weights_path(name)), num_classes=card["num_classes"],
-                       mean=tuple(card["mean"]), std=tuple(card["std"]), input_size=(3, 32, 32),
-                       label_names=tuple(card["class_names"]))
-        model = timm.create_model(card["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
-                                  **card["model_kwargs"])
+        load_card(name)  # says how to train a teacher whose files are missing
+        model = load_saved(teacher_dir(name))
         model.pretrained_cfg["zoo_name"] = name
-        return set_normalization(model, mean, std).eval()
+        return set_normalization(model, mean, std)
 
     if Path(name).is_dir() and not timm.is_model(name):
         raise TeacherError(f"{name!r} is a directory without a model in it: it needs config.json and "

@@ -1,14 +1,20 @@
-"""The zoo's registry: the shipped teachers' recipes, names, cards and weight files."""
+"""The zoo's registry: the shipped teachers' recipes, names, cards and weight files.
+
+Each shipped teacher is a folder beside this module in the format ``save_student`` writes (a timm Hub
+folder: ``config.json`` + ``model.safetensors`` + ``README.md``), its card (recipe, seed, measured
+held-out top-1) under ``config.json``'s ``smi_plugin`` key.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigBase, check_choice, check_positive_ints
 from ..data import DATASETS
+from .errors import TeacherError
+from .saved import CONFIG, WEIGHTS, read_card
 
 ZOO_DIR = Path(__file__).resolve().parent
 BASE_ARCHITECTURE = "vit_tiny_patch16_224"
@@ -80,28 +86,29 @@ RECIPES: dict[str, TeacherRecipe] = {
 }
 
 
-class TeacherError(ValueError):
-    """A teacher name, checkpoint or card that cannot be used, with what to do instead."""
-
-
 def zoo_names() -> list[str]:
     return sorted(RECIPES)
 
 
+def teacher_dir(name: str) -> Path:
+    return ZOO_DIR / name
+
+
 def card_path(name: str) -> Path:
-    return ZOO_DIR / f"{name}.json"
+    return teacher_dir(name) / CONFIG
 
 
 def weights_path(name: str) -> Path:
-    return ZOO_DIR / f"{name}.safetensors"
+    return teacher_dir(name) / WEIGHTS
 
 
 def load_card(name: str) -> dict[str, Any]:
-    """The JSON card of a shipped zoo teacher."""
+    """The card of a shipped zoo teacher: architecture, model_kwargs, num_classes, mean, std, class_names,
+    dataset, recipe, heldout_top1..."""
     if name not in RECIPES:
         raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
     path = card_path(name)
     if not path.is_file() or not weights_path(name).is_file():
         raise TeacherError(f"zoo teacher {name!r} has no trained weights at {weights_path(name)}; "
                            f"train it with `smi train-teacher {name}`")
-    return json.loads(path.read_text())
+    return read_card(teacher_dir(name))

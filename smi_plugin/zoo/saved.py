@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from ..io import atomic_path, atomic_write_text
-from .registry import TeacherError
+from .errors import TeacherError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ REQUIRED = ("architecture", "model_kwargs", "num_classes", "mean", "std")
 
 def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping[str, Any]) -> Path:
     """Write ``student`` to ``directory`` as a timm Hub folder (``config.json``, ``model.safetensors``,
-    ``README.md``); returns the directory.
+    ``README.md``); returns the directory. The zoo's own teachers are shipped in this form too.
 
     ``card`` must hold ``architecture`` (a timm name), ``model_kwargs`` (``timm.create_model``
     keywords, JSON values), ``num_classes``, ``mean`` and ``std``; anything else (``accuracy``,
@@ -101,33 +101,39 @@ def timm_config(student: nn.Module, card: Mapping[str, Any]) -> dict[str, Any]:
 def model_card(config: Mapping[str, Any], parameters: int) -> str:
     """A Hub model card (``README.md``) for a saved student: what it is, how well, how to load it."""
     extra, cfg = config[CARD_KEY], config["pretrained_cfg"]
-    accuracy = extra.get("accuracy")
+    # A distilled student's card says "accuracy"; a zoo teacher's (trained on real data) "heldout_top1".
+    accuracy = extra.get("accuracy", extra.get("heldout_top1"))
     channels, height, width = cfg["input_size"]
     if accuracy is None:
         measured = "It was not evaluated on real images."
     else:
-        images = f"{extra['eval_images']} " if extra.get("eval_images") else ""
+        count = extra.get("eval_images", extra.get("heldout_images"))
+        images = f"{count} " if count else ""
         measured = f"Top-1 on {images}held-out real images of `{extra.get('dataset', 'its data')}`: {accuracy:.2%}."
-    teacher = f"from the teacher `{extra['teacher']}` " if extra.get("teacher") else ""
-    mode = f" ({extra['mode']})" if extra.get("mode") else ""
+    if "recipe" in extra:
+        how = (f"trained by smi-plugin on the real `{extra.get('dataset')}` training images, to serve as a "
+               "teacher for Sparse Model Inversion")
+    else:
+        teacher = f" from the teacher `{extra['teacher']}`" if extra.get("teacher") else ""
+        mode = f" ({extra['mode']})" if extra.get("mode") else ""
+        how = (f"distilled{mode}{teacher} by smi-plugin on images inverted from the teacher alone (data-free "
+               "knowledge distillation with Sparse Model Inversion)")
+    tags = "".join(f"- {tag}\n" for tag in ("image-classification", "timm", "smi-plugin",
+                                              *(() if "recipe" in extra else ("knowledge-distillation",))))
+    mean, std = (", ".join(f"{v:.4g}" for v in cfg[key]) for key in ("mean", "std"))
     return f"""---
 library_name: timm
 pipeline_tag: image-classification
 tags:
-- image-classification
-- timm
-- smi-plugin
-- knowledge-distillation
----
+{tags}---
 
-# {config['architecture']} student
+# {extra.get('name', config['architecture'])}
 
 A timm `{config['architecture']}` ({parameters:,} parameters, {channels}x{height}x{width} input,
-{config['num_classes']} classes) distilled{mode} {teacher}by smi-plugin on images inverted from
-the teacher alone (data-free knowledge distillation with Sparse Model Inversion). {measured}
+{config['num_classes']} classes), {how}. {measured}
 
-Inputs are RGB in [0, 1], resized to {height}x{width} and normalized with mean {cfg['mean']} and std
-{cfg['std']} (in `config.json`'s `pretrained_cfg`, where timm's data config reads them).
+Inputs are RGB in [0, 1], resized to {height}x{width} and normalized with mean ({mean}) and std ({std}),
+as `config.json`'s `pretrained_cfg` says (where timm's data config reads them).
 
 ## Load with timm
 
@@ -185,11 +191,24 @@ def load_saved(directory: str | os.PathLike) -> nn.Module:
         raise TeacherError(f"{directory} does not load as the timm model its config.json names "
                            f"({str(err).splitlines()[0]}); save the model again") from err
     cfg = dict(model.pretrained_cfg)
-    model_kwargs = {k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"}
     cfg.update(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), architecture=config["architecture"],
-               saved_dir=str(directory), model_kwargs=model_kwargs)
+               saved_dir=str(directory), model_kwargs=config.get("model_args", {}))
+    if cfg.get("label_names"):
+        cfg["label_names"] = tuple(cfg["label_names"])
     model.pretrained_cfg = cfg
     return model.eval()
+
+
+def read_card(directory: Path) -> dict[str, Any]:
+    """The card ``save_student`` was given, read back from ``directory/config.json``."""
+    config = json.loads((directory / CONFIG).read_text())
+    cfg = config["pretrained_cfg"]
+    card = {k: v for k, v in config.get(CARD_KEY, {}).items() if k != "format"}
+    card.update(architecture=config["architecture"], model_kwargs=config["model_args"],
+                num_classes=config["num_classes"], mean=cfg["mean"], std=cfg["std"])
+    if config.get("label_names"):
+        card["class_names"] = config["label_names"]
+    return card
 
 
 def _load_legacy(directory: Path) -> nn.Module:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -15,8 +14,10 @@ from torch import nn
 from ..data import load_split
 from ..evaluation import evaluate_accuracy
 from ..images import normalize
+from .errors import TeacherError
 from .loading import load_teacher
-from .registry import BASE_ARCHITECTURE, RECIPES, ZOO_DIR, TeacherError, TeacherRecipe, load_card, zoo_names
+from .registry import BASE_ARCHITECTURE, RECIPES, ZOO_DIR, TeacherRecipe, load_card, zoo_names
+from .saved import save_student
 
 
 def _augment(images: torch.Tensor, recipe: TeacherRecipe, generator: torch.Generator) -> torch.Tensor:
@@ -67,16 +68,14 @@ def _train_phase(model: nn.Module, train, recipe: TeacherRecipe, mean, std, epoc
 
 def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None = None, log_every: int = 100,
                   phase1_checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """Train a zoo teacher from its recipe and write ``NAME.safetensors`` and ``NAME.json``.
+    """Train a zoo teacher from its recipe and save it to ``out_dir/NAME`` as ``save_student`` does.
 
     ``phase1_checkpoint`` skips the first phase by loading its result (written by this recipe);
     the warm-restart phase uses its own generator, so the outcome matches a full run.
     Returns the card (which records the measured held-out top-1).
     """
     import timm
-    from safetensors.torch import load_file, save_file
-
-    from ..io import atomic_write_text, atomic_path
+    from safetensors.torch import load_file
 
     if name not in RECIPES:
         raise TeacherError(f"unknown zoo teacher {name!r}; zoo teachers are {zoo_names()}")
@@ -116,10 +115,5 @@ def train_teacher(name: str, out_dir: str | Path = ZOO_DIR, epochs: int | None =
                 phase1_from_checkpoint=phase1_checkpoint is not None,
                 parameters=sum(p.numel() for p in model.parameters()),
                 torch_version=torch.__version__, timm_version=timm.__version__)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / f"{name}.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"card": json.dumps(card)})
-    atomic_write_text(out / f"{name}.json", json.dumps(card, indent=2) + "\n")
+    save_student(model, Path(out_dir) / name, card)
     return card

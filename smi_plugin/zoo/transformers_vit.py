@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import TeacherError
+from .errors import TeacherError
 
 logger = logging.getLogger(__name__)
 
