@@ -36,6 +36,7 @@ def _smi(capsys, *args) -> SimpleNamespace:
     (["invert", "--teacher", "digits-vit", "--num-images", "2", "--config", "missing.yaml", "--out", "x"], "not found"),
     (["distill", "--teacher", "digits-vit", "--mode", "linear-probe"], "pretrained backbone"),
     (["distill", "--teacher", "digits-vit", "--eval-images", "0"], "--eval-images: must be a positive integer"),
+    (["distill", "--teacher", "digits-vit", "--push-to-hub", "me/student"], "give --out DIR too"),
     (["distill", "--teacher", "digits-vit", "--student", "deit_tiny_patch16_224"],
      "cannot take the teacher's (3, 32, 32) images on its (8, 8) patch grid"),
 ])

@@ -12,20 +12,17 @@ from smi_plugin.distill import (
     CheckpointMismatchError,
     DistillConfig,
     KDTrainer,
-    LeastSquaresHead,
     augment_batch,
     build_optimizer,
     failed,
-    forward_sparse,
-    headless,
     kd_loss,
     learning_rate,
     linear_probe_student,
     sample_batch,
-    save_student,
 )
 from smi_plugin.evaluation import evaluate_accuracy
 from smi_plugin.images import model_normalization
+from smi_plugin.zoo.saved import read_card
 
 
 def test_kd_loss_matches_a_hand_computation():
@@ -71,39 +68,6 @@ def test_short_gradient_linear_probe_lowers_kd_loss_and_beats_chance(digits, tmp
     assert (tmp_path / "learning_curve.png").is_file() and (tmp_path / "history.json").is_file()
     head_only = [n for n, p in student.named_parameters() if p.requires_grad]
     assert head_only and all(n.startswith("head") for n in head_only)
-
-
-def test_least_squares_head_is_the_ridge_solution_over_every_batch():
-    torch.manual_seed(0)
-    features, targets = torch.randn(50, 6) * torch.tensor([10.0, 3, 1, 0.1, 0.01, 1e-3]) + 2, torch.randn(50, 4)
-    head = torch.nn.Linear(6, 4)
-    solver = LeastSquaresHead(head, ridge=0.0)
-    for rows in (slice(0, 7), slice(7, 30), slice(30, 50)):  # three batches of different sizes
-        solver.accumulate(*solver.increments(features[rows], targets[rows]))
-    solver.solve()
-    design = torch.cat([features, torch.ones(50, 1)], 1).double()
-    expected = torch.linalg.lstsq(design, targets.double()).solution  # the least-squares fit of all 50 rows
-    assert torch.allclose(head.weight.double(), expected[:6].T, rtol=1e-3, atol=1e-4)
-    assert torch.allclose(head.bias.double(), expected[6], rtol=1e-3, atol=1e-4)
-    # A ridge shrinks the weights, never the bias: a huge one leaves the mean target.
-    solver = LeastSquaresHead(head, ridge=1e9)
-    solver.accumulate(*solver.increments(features, targets))
-    solver.solve()
-    assert head.weight.abs().max() < 1e-6 and torch.allclose(head.bias, targets.mean(0), atol=1e-5)
-    with pytest.raises(ValueError, match="probe_head='gradient'"):
-        LeastSquaresHead(torch.nn.Sequential(torch.nn.Linear(6, 4)))
-
-
-def test_headless_features_keep_the_input_order_of_mixed_kept_counts(tiny_vit):
-    torch.manual_seed(0)
-    x = torch.randn(5, 3, 32, 32)
-    mask = torch.rand(5, 8, 8) < torch.tensor([0.2, 0.9, 0.5, 0.9, 0.2]).view(5, 1, 1)  # different counts
-    mask[:, 0, 0] = True
-    with torch.no_grad(), headless(tiny_vit, tiny_vit.head):
-        features = forward_sparse(tiny_vit, x, mask)
-    assert isinstance(tiny_vit.head, torch.nn.Linear)  # restored
-    with torch.no_grad():
-        assert torch.allclose(tiny_vit.head(features), forward_sparse(tiny_vit, x, mask), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -456,21 +420,6 @@ def test_pool_is_an_inverted_batch_view(digits):
     assert torch.allclose(trainer.source.pixels, pool.normalized())
 
 
-def test_student_is_saved_where_timm_loads_it(tmp_path):
-    student = tiny_student(3)
-    kwargs = {"img_size": [32, 32], "patch_size": [4, 4], "embed_dim": 32, "depth": 1, "num_heads": 2, "num_classes": 10}
-    card = {"architecture": "vit_tiny_patch16_224", "model_kwargs": kwargs, "num_classes": 10,
-            "mean": (0.3, 0.3, 0.3), "std": (0.2, 0.2, 0.2), "accuracy": 0.5}
-    save_student(student, tmp_path, card)
-    written = json.loads((tmp_path / "student.json").read_text())
-    assert written["weights"] == "student.safetensors" and written["accuracy"] == 0.5
-    loaded = load_teacher(str(tmp_path))
-    x = torch.rand(2, 3, 32, 32)
-    assert torch.allclose(loaded(x), student.eval()(x)) and loaded.pretrained_cfg["mean"] == (0.3, 0.3, 0.3)
-    with pytest.raises(ValueError, match="architecture"):
-        save_student(student, tmp_path, {"num_classes": 10})
-
-
 def test_near_chance_is_a_failure():
     assert failed(0.14, 10) and not failed(0.16, 10) and failed(0.7, 2) and not failed(0.76, 2)
 
@@ -500,9 +449,11 @@ def test_smi_distill_full_writes_the_contract_and_a_loadable_student(tmp_path, c
     assert any("FAILED" in r.getMessage() for r in caplog.records) == report["failed"]
     assert json.loads(capsys.readouterr().out)["failed"] == report["failed"]  # stdout stays JSON
     student = load_teacher(str(out))
-    card = json.loads((out / "student.json").read_text())
-    assert card["architecture"] == "vit_tiny_patch16_224" and card["num_classes"] == 10 and card["eval_images"] == 90
-    assert abs(card["accuracy"] - report["student_accuracy"]) < 1e-9 and student.num_classes == 10
+    config = json.loads((out / "config.json").read_text())  # timm's Hub form
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 10
+    card = read_card(out)
+    assert card["eval_images"] == 90 and student.num_classes == 10
+    assert abs(card["accuracy"] - report["student_accuracy"]) < 1e-9
 
 
 def test_competition_loss_counts_only_samples_the_student_still_agrees_on():

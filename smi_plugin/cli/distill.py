@@ -30,7 +30,7 @@ from ..evaluation import evaluate_accuracy
 from ..io import atomic_write_text
 from ..recipes import RECIPES
 from ..zoo import RECIPES as ZOO_RECIPES
-from ..zoo import TeacherError
+from ..zoo import TeacherError, push_student_to_hub
 from .common import (
     add_evaluation_arguments,
     add_inversion_arguments,
@@ -72,7 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(default: 256), the images under inversion of --source online (default: --pool-size)")
     add_evaluation_arguments(group)
     group.add_argument("--out", default=None, help="checkpoints (resumable), history.json, learning_curve.png "
-                       "and the student: student.safetensors + student.json, loadable by load_teacher(DIR)")
+                       "and the student as a timm Hub folder (config.json, model.safetensors, README.md), loadable "
+                       "by timm.create_model('local-dir:DIR') and load_teacher(DIR)")
+    group.add_argument("--push-to-hub", default=None, metavar="REPO",
+                       help="push the saved student (needs --out) to this Hub model repo (default: none)")
     group.add_argument("--json", default=None, help="write the results to this JSON file")
     parser.set_defaults(func=run)
 
@@ -136,6 +139,8 @@ def distill_student(args: argparse.Namespace, teacher) -> Student:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.push_to_hub and not args.out:
+        raise CLIError("--push-to-hub uploads the student saved in --out: give --out DIR too")
     teacher = load_teacher_from_args(args)
     args.mode = resolve_mode(args, teacher)
     config = inversion_config(args, teacher, **RECIPES[args.mode].inversion)
@@ -179,11 +184,17 @@ def _report(args, trainer, student: Student, config, kd: DistillConfig, test, hi
               "steps": trainer.step, "curve": history["eval"], "curve_minutes": history["minutes"],
               "kd_loss": history["kd_loss"], "inversion": config.to_dict(), "distillation": kd.to_dict()}
     if args.out:
+        grid = teacher.patch_embed  # the student takes the teacher's images
         card = {"architecture": student.architecture, "model_kwargs": student.model_kwargs, "num_classes": classes,
-                "mean": list(mean), "std": list(std), "accuracy": accuracy, "failed": result["failed"],
+                "mean": list(mean), "std": list(std), "input_size": [grid.proj.in_channels, *grid.img_size], "accuracy": accuracy, "failed": result["failed"],
                 "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or teacher_dataset(args, teacher),
                 "eval_images": result["eval_images"]}
         result["student_path"] = str(save_student(trainer.student, args.out, card))
+        if args.push_to_hub:
+            try:
+                result["hub_url"] = push_student_to_hub(args.out, args.push_to_hub)
+            except ConnectionError as err:
+                raise CLIError(str(err)) from err
     print(json.dumps({k: result[k] for k in ("mode", "source", "schedule", "processes", "inverted_images",
                                              "teacher_accuracy", "student_accuracy", "failed")}, indent=2))
     if result["failed"]:

@@ -1,22 +1,19 @@
-"""Students: the default one a recipe derives from the teacher, the check that a student takes the
-teacher's images, and the saved form that ``load_teacher(DIR)`` (and timm) read back."""
+"""Students: the default one a recipe derives from the teacher, a named one, and the check that a student takes
+the teacher's images. ``save_student`` (the zoo's, re-exported) writes the timm Hub folder that
+``load_teacher(DIR)`` and ``timm.create_model("local-dir:DIR")`` read back."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..io import atomic_path, atomic_write_text
 from ..recipes import Recipe
 from ..zoo import RECIPES as ZOO_RECIPES
-from ..zoo import SAVED_CARD, SAVED_FORMAT, SAVED_WEIGHTS, load_card, load_teacher
+from ..zoo import load_card, load_teacher, save_student  # noqa: F401  (public here too)
 from .heads import linear_probe_student
 from .kd import forward_sparse
 
@@ -100,26 +97,3 @@ def check_student_fits(student: nn.Module, teacher: nn.Module, name: str) -> Non
         raise ValueError(f"student {name!r} cannot take the teacher's {tuple(images.shape[1:])} images on its "
                          f"{tuple(grid.grid_size)} patch grid ({str(err).splitlines()[0]}); pick a student built "
                          "for that input size, channels and patch size") from err
-
-
-def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping[str, Any]) -> Path:
-    """Write ``student.safetensors`` and ``student.json`` (``card`` plus the weights' file name).
-
-    ``card`` must hold ``architecture`` (a timm name), ``model_kwargs`` (``timm.create_model``
-    keywords, JSON values), ``num_classes``, ``mean`` and ``std``; anything else (accuracy, teacher,
-    dataset, mode) is kept as is. ``smi_plugin.load_teacher(directory)`` reads it back.
-    """
-    from safetensors.torch import save_file
-
-    missing = [k for k in ("architecture", "model_kwargs", "num_classes", "mean", "std") if k not in card]
-    if missing:
-        raise ValueError(f"the student card lacks {missing}")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    with atomic_path(out / SAVED_WEIGHTS) as tmp:
-        save_file(weights, str(tmp))
-    body = {"format": SAVED_FORMAT, **card, "weights": SAVED_WEIGHTS, "mean": list(card["mean"]),
-            "std": list(card["std"])}
-    atomic_write_text(out / SAVED_CARD, json.dumps(body, indent=2, default=list) + "\n")
-    return out

@@ -271,6 +271,7 @@ class KDTrainer:
         if meta is None:
             return
         device = self.accelerator.device
+        device = "cpu" if device.type == "cpu" else device  # a multi-process CPU run's device is "cpu:0"
         tensors = self.checkpoint.read_trainer(meta["step"], device)
         self.student.load_state_dict(tensors["student"])
         if self.optimizer is not None:
