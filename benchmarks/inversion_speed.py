@@ -136,7 +136,7 @@ def _state_at_stage(inverter: SparseInverter, labels: torch.Tensor, stage: int,
 
 
 class ReferenceStyleInversion:
-    """One iteration as the authors' code runs it (see ``shared/notes/reference-implementations.md``).
+    """One iteration as the authors' code runs it (see ``docs/design.md#how-the-authors-code-runs``).
 
     Full-size image parameter, Adam, clamp and TV over every pixel; patch embedding of the whole
     image, then a gather of the kept tokens; unfused attention in every block with every map kept;

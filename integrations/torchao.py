@@ -15,7 +15,7 @@ Two torchao flows, one entry point (``quantize_with_inverted_data``):
 
 The returned ``QuantizedViT`` takes full normalized images (or images plus patch masks).
 Min/max statistics are all-reduced across processes when calibration runs distributed.
-See ``../shared/notes/torchao.md`` for what runs in torchao 0.18 on the CPU and why.
+See ``docs/design.md#torchao-on-the-cpu`` for what runs in torchao 0.18 on the CPU and why.
 """
 
 from __future__ import annotations

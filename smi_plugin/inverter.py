@@ -1,6 +1,6 @@
 """The sparse inverter: attention-guided progressive patch stopping for timm ViTs.
 
-Design, in brief (``../shared/notes/algorithm.md`` is the contract). The work is done by pure
+Design, in brief (``docs/design.md`` is the contract). The work is done by pure
 functions elsewhere; this class only wires them together (the style of timm's ``patch_dropout``):
 
 * The optimised parameter holds only the *retained* patches, ``(B, K, C*p*p)`` in normalized space;
