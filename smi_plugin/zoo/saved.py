@@ -41,7 +41,9 @@ def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping
     ``README.md``); returns the directory. The zoo's own teachers are shipped in this form too.
 
     ``card`` must hold ``architecture`` (a timm name), ``model_kwargs`` (``timm.create_model``
-    keywords, JSON values), ``num_classes``, ``mean`` and ``std``; anything else (``accuracy``,
+    keywords, JSON values), ``num_classes``, ``mean`` and ``std``; ``input_size`` (C, H, W: the size
+    it was trained at) is read from a ViT's patch grid unless given, and ``class_names`` becomes timm's
+    ``label_names``; anything else (``accuracy``,
     ``teacher``, ``dataset``, ``mode``...) is kept under ``config.json``'s ``smi_plugin`` key and
     summarized in the model card. ``timm.create_model("local-dir:DIR", pretrained=True)`` and
     ``smi_plugin.load_teacher(DIR)`` both read it back.
@@ -60,7 +62,7 @@ def save_student(student: nn.Module, directory: str | os.PathLike, card: Mapping
         save_file(weights, str(tmp), metadata={"format": "pt"})
     atomic_write_text(out / MODEL_CARD, model_card(config, sum(v.numel() for v in weights.values())))
     atomic_write_text(out / CONFIG, json.dumps(config, indent=2, default=list) + "\n")
-    for stale in (SAVED_CARD, SAVED_WEIGHTS):  # a previous save of the old form would shadow nothing but confuse
+    for stale in (SAVED_CARD, SAVED_WEIGHTS):  # a save of the old form here: one model per folder
         (out / stale).unlink(missing_ok=True)
     return out
 
@@ -69,16 +71,20 @@ def timm_config(student: nn.Module, card: Mapping[str, Any]) -> dict[str, Any]:
     """The ``config.json`` timm's ``save_config_for_hf`` would write for ``student``, plus ``card``'s extras."""
     num_classes = int(card["num_classes"])
     model_args = {**card["model_kwargs"], "num_classes": num_classes}
+    own = getattr(student, "pretrained_cfg", None) or {}
     embed = getattr(student, "patch_embed", None)
-    if embed is not None and getattr(embed, "img_size", None) is not None:
+    if "input_size" in card:  # the images it learnt from (the teacher's), whatever the architecture
+        input_size = [int(v) for v in card["input_size"]]
+    elif embed is not None and getattr(embed, "img_size", None) is not None:  # a ViT's fixed patch grid
         input_size = [int(embed.proj.in_channels), *(int(s) for s in embed.img_size)]
-    elif "input_size" in card:
-        input_size = list(card["input_size"])
+    elif "input_size" in own:
+        input_size = [int(v) for v in own["input_size"]]
+        logger.warning("saving %s with its architecture's default input size %s: put the size it was trained at "
+                       "in the card's input_size", card["architecture"], tuple(input_size))
     else:
         raise ValueError("the student has no fixed patch grid; give its input_size (C, H, W) in the card")
-    own = getattr(student, "pretrained_cfg", None) or {}
     pretrained_cfg = {
-        "custom_load": False, "input_size": input_size, "fixed_input_size": True,
+        "custom_load": False, "input_size": input_size, "fixed_input_size": bool(own.get("fixed_input_size", True)),
         # The project evaluates by resizing the whole image (no crop), bilinear with antialiasing.
         "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center",
         "mean": [float(v) for v in card["mean"]], "std": [float(v) for v in card["std"]],
@@ -94,7 +100,8 @@ def timm_config(student: nn.Module, card: Mapping[str, Any]) -> dict[str, Any]:
         config["label_names"] = list(card["class_names"])
     config["model_args"] = model_args
     config["pretrained_cfg"] = pretrained_cfg
-    config[CARD_KEY] = {"format": FORMAT, **{k: v for k, v in card.items() if k not in REQUIRED}}
+    # label_names is timm's own place for the class names; the rest of the card is the project's.
+    config[CARD_KEY] = {"format": FORMAT, **{k: v for k, v in card.items() if k not in (*REQUIRED, "class_names")}}
     return config
 
 
