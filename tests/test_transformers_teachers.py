@@ -78,7 +78,7 @@ def test_a_transformers_folder_loads_as_the_timm_vit_with_the_same_logits(folder
         assert torch.allclose(teacher(x), reference(pixel_values=x).logits, atol=1e-4)
 
 
-def test_an_unsupported_transformers_architecture_is_one_line(tmp_path):
+def test_an_unsupported_or_incomplete_transformers_folder_is_one_line(tmp_path, folders):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "swin",
                                                       "architectures": ["SwinForImageClassification"]}))
     with pytest.raises(TeacherError, match="SwinForImageClassification.*supported are") as info:
@@ -86,6 +86,14 @@ def test_an_unsupported_transformers_architecture_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(TeacherError, match="carries its own weights"):
         load_teacher(str(tmp_path), pretrained=True)
+    config = json.loads((folders["vit"][0] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TeacherError, match="no weights"):
+        load_teacher(str(tmp_path))
+    del config["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TeacherError, match="has no 'hidden_size'"):
+        load_teacher(str(tmp_path))
 
 
 def test_smi_invert_and_quantize_take_a_transformers_folder(folders, tmp_path):

@@ -66,9 +66,17 @@ def load_transformers_vit(directory: str | Path) -> nn.Module:
                            f"are {sorted(ARCHITECTURES)}: save one of those, or a timm ViT checkpoint")
     family, timm_name = ARCHITECTURES[known[0]]
     vision = config.get("vision_config", config) if family == "clip" else config
-    kwargs = _timm_kwargs(vision, family, config)
+    try:
+        kwargs = _timm_kwargs(vision, family, config)
+    except KeyError as err:
+        raise TeacherError(f"{directory / 'config.json'} has no {err} for its {known[0]}; save the model again "
+                           "with save_pretrained") from err
     model = timm.create_model(timm_name, pretrained=False, **kwargs)
-    state_dict = _remap(read_transformers_weights(directory), family, int(vision["num_hidden_layers"]))
+    try:
+        state_dict = _remap(read_transformers_weights(directory), family, int(vision["num_hidden_layers"]))
+    except KeyError as err:
+        raise TeacherError(f"{directory}'s weights have no {err}, which a {known[0]} has; save the model again "
+                           "with save_pretrained") from err
     own = model.state_dict()
     problems = sorted(set(own) ^ set(state_dict)) + [k for k in own if k in state_dict
                                                        and own[k].shape != state_dict[k].shape]
