@@ -172,7 +172,7 @@ def _distill(config: DemoConfig, out: Path) -> dict[str, Any]:
     the saved student loaded back with ``load_teacher`` and evaluated on the real held-out images."""
     from smi_plugin.cli import main as smi
 
-    directory, summary = out / "student", out / "student.json"
+    directory, summary = out / "student", out / "distill.json"
     length = ["--minutes", str(config.kd_minutes)] if config.kd_minutes else []
     subset = ["--eval-images", str(config.eval_images)] if config.eval_images else []
     smi(["distill", "--teacher", config.kd_teacher, *length, *config.kd_flags, *subset, "--out", str(directory),
