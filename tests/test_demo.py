@@ -28,7 +28,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert deployment["reloaded_top1"] == deployment["card"]["quantized_accuracy"]
     assert deployment["card"]["agreement"] >= 0.9
     student = results["distillation"]
-    assert (tmp_path / "student" / "student.safetensors").exists() and student["mode"] == "linear-probe"
+    assert (tmp_path / "student" / "model.safetensors").exists() and student["mode"] == "linear-probe"
     assert student["reloaded_top1"] == student["student_accuracy"]
     import datasets
 

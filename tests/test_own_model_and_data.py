@@ -50,7 +50,7 @@ def test_without_evaluation_data_the_model_is_still_made(own, tmp_path):
                   "--out", str(tmp_path / "student"), "--json", str(tmp_path / "kd.json"))
     report = json.loads((tmp_path / "kd.json").read_text())
     assert report["student_accuracy"] is None and report["teacher_accuracy"] is None
-    assert (tmp_path / "student" / "student.safetensors").is_file()
+    assert (tmp_path / "student" / "model.safetensors").is_file()
     assert "nothing is evaluated" in result.stderr
 
 
