@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (the main job) and `make test` (the suite).
+# The two commands of the README: `make demo` (the main job) and `make test` (the suite); beside them
+# `make check` (the fast unit tests) and `make docs` (the documentation site).
 # Each creates .venv, installs the package with its test extras and the real data when missing.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test install data bench clean
+.PHONY: demo test check docs results-pages install data bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,18 @@ demo: install data
 
 test: install data
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+
+# The unit tests without the slow end-to-end ones: about a minute on 2 cores.
+check: install data
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 -m "not slow"
+
+# The documentation site (mkdocs-material + mkdocstrings), built strictly: a broken link or reference fails.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d outputs/site
+
+# The docs' results pages, from the JSON records in benchmarks/results/.
+results-pages: install
+	$(PY) benchmarks/results_pages.py
 
 bench: install
 	$(PY) benchmarks/inversion_speed.py --quick --json outputs/bench.json

@@ -44,13 +44,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -seconds.get(item.path, 0))  # stable: a file's tests keep their order
 
 
+# The files whose code blocks a reader runs: the README, then the guides in the order their Python blocks build on
+# each other (the inversion guide's ``teacher``, ``config`` and ``batch`` are used by the guides after it).
+DOC_FILES = ("README.md", "docs/guides/inversion.md", "docs/guides/selection-policies.md", "docs/guides/quantization.md",
+             "docs/guides/distillation.md", "docs/guides/distributed-and-export.md", "docs/guides/own-model-and-data.md",
+             "docs/guides/other-machines.md")
+# A block preceded by this HTML comment (with a reason after the colon) is shown, not run.
+NOT_RUN = "<!-- not run:"
+
+
+def fenced_blocks(text: str, language: str) -> list[tuple[str, str | None]]:
+    """``text``'s fenced code blocks in ``language``, each with the reason it is not run (``None``: it runs)."""
+    pattern = rf"(?:<!-- not run:(?P<reason>[^>]*)-->\s*)?```{language}\n(?P<code>.*?)```"
+    return [(match["code"], None if match["reason"] is None else match["reason"].strip())
+            for match in re.finditer(pattern, text, flags=re.S)]
+
+
 def readme_blocks(language: str) -> list[str]:
-    """The README's fenced code blocks in ``language``."""
-    return re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    """The fenced code blocks in ``language`` of the README and the guides (``DOC_FILES``) that run, in order."""
+    return [code for path in DOC_FILES for code, reason in fenced_blocks((ROOT / path).read_text(), language)
+            if reason is None]
 
 
 def readme_commands() -> list[str]:
-    """Every shell command of the README that runs something of the checkout (``.venv/bin/...``)."""
+    """Every shell command of the README and the guides that runs something of the checkout (``.venv/bin/...``)."""
     return [line for block in readme_blocks("bash") for line in block.replace("\\\n", " ").splitlines()
             if line.startswith(".venv/bin/")]
 

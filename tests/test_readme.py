@@ -1,4 +1,5 @@
-"""The README as a reader runs it: its commands as written (with its small sizes), then its Python blocks.
+"""The README and the guides as a reader runs them: their commands as written (with their small sizes), then their
+Python blocks, in the order of ``DOC_FILES`` (blocks marked ``<!-- not run: REASON -->`` are shown only).
 
 The benchmark command is tested in ``test_inversion_speed.py`` and the bring-your-own-model chain in
 ``test_own_model_and_data.py``, so the suite's two workers run the three groups side by side."""
@@ -29,7 +30,7 @@ def test_readme_commands_then_python_blocks_run(tmp_path):
         assert (tmp_path / "outputs/readme" / name).is_file(), name
     _check_the_default_tuned_compile(tmp_path / "outputs/readme/digits-w8a8")
     # every Python block in one process, in the same folder (one block loads the model a command saved)
-    code = "\n".join(block for block in readme_blocks("python") if "pretrained=True" not in block)
+    code = "\n".join(readme_blocks("python"))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=README_ENV, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
