@@ -72,8 +72,8 @@ def readme_commands() -> list[str]:
             if line.startswith(".venv/bin/")]
 
 
-# The README's commands in independent groups, each tested in its own file so the suite runs them side by
-# side: the speed benchmark, the bring-your-own-model chain, and the rest (which the Python blocks follow).
+# The commands of the README and the guides in independent groups, each tested in its own file so the suite runs
+# them side by side: the speed benchmark, the bring-your-own-model chain, and the rest (the Python blocks follow it).
 README_GROUPS = {"benchmark": lambda command: " bench " in command,
                  "own model": lambda command: "outputs/readme/own" in command}
 
