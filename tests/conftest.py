@@ -46,9 +46,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # The files whose code blocks a reader runs: the README, then the guides in the order their Python blocks build on
 # each other (the inversion guide's ``teacher``, ``config`` and ``batch`` are used by the guides after it).
-DOC_FILES = ("README.md", "docs/guides/inversion.md", "docs/guides/selection-policies.md", "docs/guides/quantization.md",
-             "docs/guides/distillation.md", "docs/guides/distributed-and-export.md", "docs/guides/own-model-and-data.md",
-             "docs/guides/other-machines.md")
+DOC_FILES = ("README.md", "docs/guides/inversion.md", "docs/guides/selection-policies.md",
+             "docs/guides/quantization.md", "docs/guides/distillation.md", "docs/guides/distributed-and-export.md",
+             "docs/guides/own-model-and-data.md", "docs/guides/other-machines.md")
 # A block preceded by this HTML comment (with a reason after the colon) is shown, not run.
 NOT_RUN = "<!-- not run:"
 

@@ -51,7 +51,8 @@ def test_the_results_pages_are_what_the_records_give():
 def test_no_file_refers_to_a_path_outside_the_repository():
     outside = re.compile(r"\.\./shared|shared/(notes|paper)/")
     skipped = {".venv", ".git", "outputs", "runs", "smi_plugin.egg-info", ".pytest_cache"}
-    files = [path for pattern in ("*.py", "*.md", "*.toml", "*.sh", "*.yml", "Makefile") for path in ROOT.rglob(pattern)
+    patterns = ("*.py", "*.md", "*.toml", "*.sh", "*.yml", "Makefile")
+    files = [path for pattern in patterns for path in ROOT.rglob(pattern)
              if not skipped & set(path.relative_to(ROOT).parts) and path != ROOT / "tests/test_docs.py"]
     offenders = [f"{path.relative_to(ROOT)}:{number}" for path in files
                  for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
