@@ -32,10 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    """The CPU's model name and the instruction sets that decide int8/bfloat16 speed (from /proc/cpuinfo)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    sets = [label for flag, label in (("amx_tile", "AMX"), ("avx512_bf16", "AVX512-BF16"),
+                                      ("avx512_vnni", "AVX512-VNNI")) if flag in flags]
+    return f"{name or platform.processor() or 'unknown CPU'} ({', '.join(sets) or 'no AVX512-VNNI'})"
 
 
 def run(processes: int, length: list[str], teacher: str, mode: str, seed: int) -> dict:
@@ -72,18 +76,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="digits-vit")
     parser.add_argument("--mode", default="full")
-    parser.add_argument("--steps", type=int, default=60, help="KD steps of the equal-steps pair (default: 60)")
-    parser.add_argument("--minutes", type=float, default=3.0, help="budget of the equal-time pair (default: 3)")
+    parser.add_argument("--steps", default="60", help="comma-separated KD steps, a pair each (default: 60)")
+    parser.add_argument("--minutes", type=float, default=3.0, help="budget of the equal-time pair (default: 3; "
+                        "0: no such pair)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the record to this file")
     args = parser.parse_args(argv)
     rows = []
-    for comparison, length in (("equal steps", ["--steps", str(args.steps)]),
-                               ("equal wall-clock", ["--minutes", str(args.minutes)])):
+    pairs = [("equal steps", ["--steps", steps.strip()]) for steps in args.steps.split(",")]
+    pairs += [("equal wall-clock", ["--minutes", str(args.minutes)])] if args.minutes else []
+    for comparison, length in pairs:
         for processes in (1, 2):
             rows.append({"comparison": comparison, **run(processes, length, args.teacher, args.mode, args.seed)})
             print(table(rows[-1:]).splitlines()[-1], flush=True)
+    command = " ".join(["python", f"benchmarks/{Path(__file__).name}", *(sys.argv[1:] if argv is None else argv)])
     record = {"machine": f"{cpu_name()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
+              "command": command,
               "teacher": args.teacher, "mode": args.mode, "runs": rows}
     print(f"\n{record['machine']}, {record['date']}\n{table(rows)}")
     if args.json:

@@ -199,6 +199,29 @@ def distillation_page() -> str:
                          str(result["steps"]), str(result.get("inverted_images", "-"))])
     out.append("\n" + table(["run", "teacher", "mode", "minutes", "inversion", "student top-1", "teacher top-1",
                              "KD steps", "inverted images"], rows))
+    for path in sorted(RECORDS.glob("distill_defaults_*.json")):
+        record = load(path.name)
+        out += ["\n## `smi distill` with its defaults\n",
+                source_line(path.name, record_machine(path.name, record),
+                            "Harness: `benchmarks/distill_defaults.py`, each command alone."),
+                "\n" + table(["command", "teacher top-1", "student top-1", "KD steps", "inverted images", "minutes",
+                              "threads"],
+                             [[f"`{run['command']}`", f"{run['teacher_accuracy']:.2%}", f"{run['student_accuracy']:.2%}",
+                               str(run["steps"]), str(run["inverted_images"]), f"{run['minutes']:.1f}",
+                               str(run["threads"])] for run in record["runs"]])]
+    for path in sorted(RECORDS.glob("distill_processes_*.json")):
+        record = load(path.name)
+        out += ["\n## One process against two (`accelerate launch`)\n",
+                source_line(path.name, record_machine(path.name, record),
+                            f"Harness: `benchmarks/distill_processes.py`; teacher `{record['teacher']}`, "
+                            f"mode {record['mode']}. Two processes each invert their own pool, so they invert "
+                            "twice the images per step; at equal wall-clock the 2 cores run 2 processes x 1 thread "
+                            "against 1 process x 2 threads."),
+                "\n" + table(["comparison", "processes x threads", "KD steps", "inverted images", "student top-1",
+                              "seconds"],
+                             [[run["comparison"], f"{run['processes']} x {run['threads_per_process']}",
+                               str(run["steps"]), str(run["inverted_images"]), f"{run['student_accuracy']:.2%}",
+                               f"{run['seconds']:.0f}"] for run in record["runs"]])]
     return "".join(out)
 
 
