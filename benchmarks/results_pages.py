@@ -142,8 +142,8 @@ def inversion_speed_page() -> str:
 
 
 # --------------------------------------------------------------------------------------------- deployable int8
-QUANTIZED_RECORDS = ["quantized_speed_zen4-2026-12-07.json", "quantized_speed_zen5-2026-12-05.json",
-                     "quantized_speed_zen5_float32-2026-12-05.json"]
+QUANTIZED_RECORDS = ["quantized_speed_openvino_icelake-2026-12-08.json", "quantized_speed_zen4-2026-12-07.json",
+                     "quantized_speed_zen5-2026-12-05.json", "quantized_speed_zen5_float32-2026-12-05.json"]
 
 
 def deployable_int8_page() -> str:
@@ -154,12 +154,14 @@ def deployable_int8_page() -> str:
            "`model.pt2` as a share of the FP32 `state_dict`. Agreement and SQNR compare the int8 package's logits "
            "with FP32's on the record's inputs (`inputs`: real held-out images for the zoo teachers, Gaussian "
            "images for the random-weight DeiTs). *ORT int8* is ONNX Runtime's static int8 model of the same "
-           "network, where the record has it. The harness is `benchmarks/quantized_speed.py`.\n"]
+           "network, and *OpenVINO int8* NNCF's int8 IR (`smi quantize --runtime openvino`), where the record has "
+           "them; above 1.00x the int8 package is faster. The harness is `benchmarks/quantized_speed.py`.\n"]
     for name in QUANTIZED_RECORDS:
         record = load(name)
         first = record["results"][0]
-        out.append(f"\n## {record_machine(name)}, unquantized ops in {first['int8_unquantized_precision']}\n")
-        out.append(source_line(name, record_machine(name),
+        machine = record_machine(name, record)
+        out.append(f"\n## {machine}, unquantized ops in {first['int8_unquantized_precision']}\n")
+        out.append(source_line(name, machine,
                                f"torch {record['torch']}, torchao {record['torchao']}, compiled for "
                                f"{record['cpu_target']}, {record['threads']} threads, {record['repeats']} repeats."))
         rows = []
@@ -168,15 +170,17 @@ def deployable_int8_page() -> str:
             for batch, timings in result["latency"].items():
                 fp32 = min(timings["fp32 compiled"]["median_s"], timings["fp32 package"]["median_s"])
                 int8 = timings["int8 package"]
-                ort = timings.get("ort int8")
+                ort, openvino = timings.get("ort int8"), timings.get("openvino int8")
                 rows.append([f"`{result['model']}`", batch, f"{fp32 * 1e3:.2f}", f"{int8['median_s'] * 1e3:.2f}",
                              f"**{fp32 / int8['median_s']:.2f}x**",
                              f"{ort['median_s'] / int8['median_s']:.2f}x" if ort else "-",
+                             f"{openvino['median_s'] * 1e3:.2f} ms, {openvino['median_s'] / int8['median_s']:.2f}x"
+                             if openvino else "-",
                              f"{int8['agreement_vs_fp32']:.1%}", f"{int8['sqnr_db_vs_fp32']:.1f} dB",
                              f"{sizes['model.pt2'] / sizes['fp32 state dict']:.0%}",
                              f"{sizes['compiled.pt2'] / 1e6:.1f} MB"])
         out.append("\n" + table(["model", "batch", "FP32 ms", "int8 ms", "speed-up", "int8 vs ORT int8",
-                                 "agreement", "SQNR", "model.pt2 size", "compiled.pt2"], rows))
+                                 "OpenVINO int8, int8 vs it", "agreement", "SQNR", "model.pt2 size", "compiled.pt2"], rows))
     return "".join(out)
 
 
