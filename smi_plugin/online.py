@@ -120,8 +120,9 @@ class OnlinePool:
     def _release_emitted(self, slot: _Slot) -> None:
         """Patch Rebirth's detached samples are finished when emitted: they go to the memory at once."""
         for _, canvas, positions in slot.state.emitted:
-            self._remember(self._rows(self.inverter.pixels(canvas).detach(), indices_to_mask(positions, self.inverter.grid),
-                                      slot.state.labels, {"source": "online"}))
+            mask = indices_to_mask(positions, self.inverter.grid)
+            self._remember(self._rows(self.inverter.pixels(canvas).detach(), mask, slot.state.labels,
+                                      {"source": "online"}))
         slot.state.emitted.clear()
 
     def advance(self, index: int, steps: int, competitor: nn.Module | None = None) -> InvertedBatch:

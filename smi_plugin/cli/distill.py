@@ -186,7 +186,8 @@ def _report(args, trainer, student: Student, config, kd: DistillConfig, test, hi
     if args.out:
         grid = teacher.patch_embed  # the student takes the teacher's images
         card = {"architecture": student.architecture, "model_kwargs": student.model_kwargs, "num_classes": classes,
-                "mean": list(mean), "std": list(std), "input_size": [grid.proj.in_channels, *grid.img_size], "accuracy": accuracy, "failed": result["failed"],
+                "mean": list(mean), "std": list(std), "input_size": [grid.proj.in_channels, *grid.img_size],
+                "accuracy": accuracy, "failed": result["failed"],
                 "teacher": args.teacher, "mode": kd.mode, "dataset": args.eval_data or teacher_dataset(args, teacher),
                 "eval_images": result["eval_images"]}
         result["student_path"] = str(save_student(trainer.student, args.out, card))

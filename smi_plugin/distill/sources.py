@@ -166,12 +166,18 @@ def as_pool(source: Any) -> InvertedBatch:
     return load_inverted(source).to_batch()
 
 
+def check_inverter(config: DistillConfig, inverter: SparseInverter | None) -> None:
+    """A source that inverts as the student learns needs the teacher's inverter (checked before any work)."""
+    if config.source != "pool" and inverter is None:
+        raise ValueError(f"source={config.source!r} inverts as it trains: pass "
+                         "inverter=SparseInverter(teacher, ...)")
+
+
 def build_source(config: DistillConfig, inverter: SparseInverter | None, pool: Any, seed: int) -> Source:
     """The source ``config.source`` names: over ``pool`` (source ``pool``), or inverting with ``inverter``."""
     if config.source == "pool":
         return PoolSource(as_pool(pool), config)
-    if inverter is None:
-        raise ValueError(f"source={config.source!r} inverts as it trains: pass inverter=SparseInverter(teacher, ...)")
+    check_inverter(config, inverter)
     if config.source == "alternating":
         return AlternatingSource(inverter, config, seed)
     return OnlineSource(inverter, config, seed)

@@ -35,7 +35,7 @@ from .checkpoint import Checkpoint, mismatch_error, settings_differences
 from .config import DistillConfig
 from .heads import LeastSquaresHead
 from .kd import SparseForward, build_optimizer, classifier_head, forward_sparse, kd_loss, learning_rate
-from .sources import Source, build_source
+from .sources import Source, build_source, check_inverter
 from .students import default_student
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class KDTrainer:
     def __init__(self, teacher: nn.Module, student: nn.Module, config: DistillConfig, eval_split: ImageSplit | None,
                  mean: Sequence[float], std: Sequence[float], out_dir: str | os.PathLike | None = None,
                  inverter: SparseInverter | None = None, progress: bool = True, accelerator: Any = None) -> None:
-        if config.source != "pool" and inverter is None:
-            raise ValueError(f"source={config.source!r} inverts as it trains: pass inverter=SparseInverter(teacher, ...)")
+        check_inverter(config, inverter)
         accelerator = accelerator or default_accelerator()
         self.accelerator, self.config, self.eval_split, self.inverter = accelerator, config, eval_split, inverter
         self.mean, self.std, self.out_dir = tuple(mean), tuple(std), Path(out_dir) if out_dir else None
