@@ -3,8 +3,9 @@
 The pipeline behind ``smi quantize --out DIR``. Each step lives in its own module, re-exported here:
 ``quantized_program`` (the dense-image ``torch.export`` program), ``inductor`` (just-in-time compiles and
 the unquantized ops' precision), ``attention_rewrite`` (attention in bfloat16), ``aot_package`` (the
-AOTInductor ``compiled.pt2``), ``package`` (the folder, its card, trusted loading), ``trust`` (the
-per-user record of packages built here), ``timing``; ``openvino`` is the OpenVINO runtime's pipeline.
+AOTInductor ``compiled.pt2``), ``card`` (the folder and card any runtime writes), ``package`` (the torch
+runtime's files, trusted loading), ``trust`` (the per-user record of packages built here), ``timing``;
+``openvino`` is the OpenVINO runtime's pipeline.
 
 Example:
     >>> program, compiled, card = quantize_for_deployment(teacher, data, "w8a8", test_split=split.first(1000))
@@ -14,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from torch import nn
 from .aot_package import (DEFAULT_MODEL, LATENCY_MODEL, PACKAGE_FILE, CompiledPackage, compile_package,
                           measure_latency_crossover)
 from .attention_rewrite import attention_in_bfloat16, bfloat16_attention
+from .card import card_fields, evaluate_against_fp32
 from .inductor import FrozenCompiled, compile_quantized, cpu_target, register_x86_lowering
 from .package import (CARD_FILE, FORMAT, MODEL_FILE, RUNTIMES, QuantizedModelError, check_output_directory,
                       load_quantized, read_card, save_quantized, versions, write_program)
@@ -99,59 +100,3 @@ def quantize_for_deployment(teacher: nn.Module, dataset: Any, scheme: str = "w8a
             **evaluate_against_fp32(teacher, compiled, tuple(dataset.pixel_values.shape[1:]), test_split,
                                     eval_batch_size)}
     return program, compiled, card
-
-
-def card_fields(teacher: nn.Module, dataset: Any, calibration: dict[str, Any] | None = None,
-                teacher_name: str | None = None) -> dict[str, Any]:
-    """The card's runtime-independent fields: the teacher, its input and the calibration's provenance."""
-    from smi_plugin.images import model_normalization
-    from smi_plugin.tokens import patch_grid
-
-    grid = patch_grid(teacher, tuple(dataset.pixel_values.shape[2:]))
-    return {
-        "teacher": teacher_name or teacher.pretrained_cfg.get("zoo_name") or teacher.pretrained_cfg.get("architecture"),
-        "input": {"shape": ["B", grid.in_chans, *grid.image_size],
-                  "normalization": dict(zip(("mean", "std"), map(list, model_normalization(teacher))))},
-        "calibration": {"source": dataset.source, "images": len(dataset), "kept_fraction": dataset.kept_fraction,
-                        **(calibration or {})},
-    }
-
-
-def evaluate_against_fp32(teacher: nn.Module, quantized: Any, image_shape: tuple[int, ...], test_split: Any = None,
-                          eval_batch_size: int = 500) -> dict[str, Any]:
-    """The card's measured fields for ``quantized`` (normalized images -> logits) against the FP32 ``teacher``:
-    top-1 of both on the real held-out ``test_split``, agreement, logit SQNR, and latency at one batch of
-    ``image_shape`` (``(C, H, W)``) images against the teacher compiled by inductor just in time.
-    ``test_split=None``: all null.
-    """
-    from smi_plugin.evaluation import predict_logits, sqnr_db, top1_accuracy
-    from smi_plugin.images import model_normalization
-
-    fields: dict[str, Any] = {"fp32_accuracy": None, "quantized_accuracy": None, "agreement": None, "sqnr_db": None,
-                              "evaluation": None, "latency": None}
-    if test_split is None:
-        return fields
-    mean, std = model_normalization(teacher)
-    started = time.perf_counter()
-    logits = predict_logits(quantized, test_split, mean, std, batch_size=eval_batch_size)
-    first_pass = time.perf_counter() - started
-    with torch.no_grad():
-        reference = predict_logits(teacher.eval(), test_split, mean, std, batch_size=eval_batch_size)
-    fields.update(fp32_accuracy=top1_accuracy(reference, test_split.labels),
-                  quantized_accuracy=top1_accuracy(logits, test_split.labels),
-                  agreement=(reference.argmax(1) == logits.argmax(1)).float().mean().item(),
-                  sqnr_db=sqnr_db(reference, logits),
-                  evaluation={"dataset": test_split.name, "split": test_split.split, "images": len(test_split),
-                              "batch_size": eval_batch_size, "compile_and_eval_seconds": first_pass})
-    batch = min(eval_batch_size, len(test_split))
-    inputs = torch.randn(batch, *image_shape)
-    seconds = timed_calls(quantized, inputs, repeats=3)[0]["median_s"]
-    # the promise checked where it is made: int8 against the FP32 teacher compiled by inductor just in
-    # time (an FP32 package would cost another compile; on the small zoo teachers it ran up to ~17%
-    # faster at batch 100: benchmarks/quantized_speed.py times both)
-    fp32_seconds = timed_calls(FrozenCompiled(teacher.eval()), inputs, repeats=3)[0]["median_s"]
-    fields["latency"] = {"batch": batch, "seconds_per_batch": seconds, "ms_per_image": 1000 * seconds / batch,
-                         "fp32_compiled_seconds_per_batch": fp32_seconds,
-                         "speedup_vs_fp32_compiled": fp32_seconds / seconds, "threads": torch.get_num_threads(),
-                         "note": "median of 3 calls after one; noisy; FP32 compiled just in time"}
-    return fields

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .package import CARD_FILE, FORMAT, QuantizedModelError, write_directory
+from .card import CARD_FILE, FORMAT, QuantizedModelError, card_fields, evaluate_against_fp32, write_directory
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,6 @@ def quantize_for_openvino(teacher: nn.Module, dataset: Any, *, preset: str = "mi
     Returns:
         ``(int8 openvino.Model, the compiled model evaluated here, card)``; save with ``save_openvino``.
     """
-    from .deploy import card_fields, evaluate_against_fp32
 
     check_openvino()
     image_shape = tuple(dataset.pixel_values.shape[1:])

@@ -26,30 +26,20 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from smi_plugin.io import current_umask
 
 from .aot_package import PACKAGE_FILE, CompiledPackage
+from .card import (CARD_FILE, FORMAT, MODEL_FILE, RUNTIMES, QuantizedModelError,  # noqa: F401  (the format, here too)
+                   check_output_directory, write_directory)
 from .inductor import compile_quantized, cpu_target, register_x86_lowering
 from .torchao import PRECISIONS
 from .trust import file_sha256, is_trusted, record_trusted, trust_store_path
 
 logger = logging.getLogger(__name__)
-
-FORMAT = "smi-plugin/quantized-vit/v1"
-MODEL_FILE = "model.pt2"
-CARD_FILE = "card.json"
-# What runs the saved model; cards written before the runtime was recorded are "torch".
-RUNTIMES = ("torch", "openvino")
-
-
-class QuantizedModelError(ValueError):
-    """A saved quantized model that cannot be used here (missing files, other format or versions)."""
-
 
 def versions() -> dict[str, str]:
     """The library versions a saved program depends on."""
@@ -93,32 +83,6 @@ def save_quantized(program: torch.export.ExportedProgram, directory: str | os.Pa
     return target
 
 
-def write_directory(directory: str | os.PathLike, card: dict[str, Any], fill: Callable[[Path], None]) -> Path:
-    """Make ``directory`` atomically (all or nothing): ``fill(staging)`` writes a runtime's files into a
-    staging folder beside it (and completes ``card``), then ``card.json`` is written and the folder renamed
-    into place. ``directory`` must be absent or a previous output (``check_output_directory``); it is replaced.
-    """
-    target = Path(directory)
-    check_output_directory(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        fill(staging)
-        (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-        os.chmod(staging, 0o777 & ~current_umask())
-        if target.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, trash / "old")
-            os.replace(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> None:
     """``torch.export.save`` with the graph's text records deflated: a plain zip that ``torch.export.load``
     reads as it is. The graph's JSON is a fixed ~0.2-0.5 MB (a fifth to a half of a small model's int8
@@ -134,23 +98,6 @@ def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike
                 record = zipfile.ZipInfo(info.filename, info.date_time)  # torch's timestamps: same program, same bytes
                 record.compress_type = zipfile.ZIP_STORED if tensor else zipfile.ZIP_DEFLATED
                 target.writestr(record, source.read(info.filename))
-
-
-def check_output_directory(directory: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``directory`` is absent or a previous output of ``save_quantized``."""
-    path = Path(directory)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ValueError(f"--out {path} exists and is not a directory; choose a new path")
-    card = path / CARD_FILE
-    try:
-        ours = json.loads(card.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours and any(path.iterdir()):
-        raise ValueError(f"--out {path} exists and is not a previous 'smi quantize' output; "
-                         "refusing to overwrite it (choose a new path or remove it)")
 
 
 def read_card(directory: str | os.PathLike) -> dict[str, Any]:
