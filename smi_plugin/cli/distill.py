@@ -12,7 +12,6 @@ import json
 import logging
 import re
 
-import torch
 
 from ..batch import balanced_labels
 from ..distill import (
@@ -25,6 +24,7 @@ from ..distill import (
     failed,
     load_student,
     save_student,
+    seeded,
 )
 from ..evaluation import evaluate_accuracy
 from ..io import atomic_write_text
@@ -149,8 +149,7 @@ def run(args: argparse.Namespace) -> None:
     if test is None:
         logger.info("no held-out data for this teacher (give --eval-data DIR): the student is trained and saved, "
                     "nothing is evaluated")
-    with torch.random.fork_rng(devices=[]):  # the student's initial weights follow --seed, not the process
-        torch.manual_seed(config.seed)
+    with seeded(config.seed):  # the student's initial weights follow --seed, as in KDTrainer.from_recipe
         student = distill_student(args, teacher)
     try:
         trainer = KDTrainer.from_recipe(teacher, args.mode, student=student.module, eval_split=test, out_dir=args.out,

@@ -30,7 +30,7 @@ from .kd import (
     sample_batch,
 )
 from .sources import AlternatingSource, OnlineSource, PoolSource, Source, SourceBatch, as_pool, build_source
-from .students import Student, check_student_fits, default_student, load_student, save_student
+from .students import Student, check_student_fits, default_student, load_student, save_student, seeded
 from .trainer import KDTrainer
 
 __all__ = [
@@ -39,5 +39,5 @@ __all__ = [
     "Student", "as_pool", "augment_batch", "build_optimizer", "build_source", "check_student_fits",
     "classifier_head", "default_student", "distillation_stream", "failed", "forward_sparse", "headless",
     "kd_loss", "learning_rate", "linear_probe_student", "load_student", "sample_batch", "save_student",
-    "stream_from_inverted",
+    "seeded", "stream_from_inverted",
 ]

@@ -5,7 +5,8 @@ the teacher's images. ``save_student`` (the zoo's, re-exported) writes the timm 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -20,6 +21,15 @@ from .kd import forward_sparse
 logger = logging.getLogger(__name__)
 
 SMALLER_VIT = "vit_tiny_patch16_224"  # the timm architecture a smaller-vit student is made of
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Within the context torch's global generator starts from ``seed`` and is restored after: a student's
+    random initial weights follow the run's seed, not what the process drew before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class Student(NamedTuple):

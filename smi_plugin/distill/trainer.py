@@ -36,7 +36,7 @@ from .config import DistillConfig
 from .heads import LeastSquaresHead
 from .kd import SparseForward, build_optimizer, classifier_head, forward_sparse, kd_loss, learning_rate
 from .sources import Source, build_source, check_inverter
-from .students import default_student
+from .students import default_student, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,7 @@ class KDTrainer:
         if not isinstance(inversion, InversionConfig):
             inversion = recipe.inversion_config(teacher, **{"seed": seed, **(inversion or {})})
         if student is None:
-            with torch.random.fork_rng(devices=[]):  # the student's initial weights follow the seed
-                torch.manual_seed(seed)
+            with seeded(seed):
                 student = default_student(teacher, recipe).module
         accelerator = accelerator or default_accelerator()
         teacher = teacher.to(accelerator.device)  # before the inverter, which builds its tensors on its device
